@@ -1,0 +1,1 @@
+"""vlm: a minimal LLaVA-style vision-language model."""
