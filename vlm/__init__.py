@@ -1,1 +1,11 @@
-"""vlm: a minimal LLaVA-style vision-language model."""
+"""vlm: a minimal LLaVA-style vision-language model.
+
+``model, processor = vlm.load_pretrained(path_or_hub_id)``; ``model(**processor(images=..., text=...))``.
+"""
+
+from vlm.config import Config, ModelConfig, load_config
+from vlm.model import VLM, CallbackStreamer, build_vlm, load_pretrained
+from vlm.processor import VLMProcessor
+
+__all__ = ["VLM", "CallbackStreamer", "Config", "ModelConfig", "VLMProcessor", "build_vlm", "load_config",
+           "load_pretrained"]

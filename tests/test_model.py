@@ -1,0 +1,160 @@
+"""The VLM itself: joining images and text, what is frozen, generation, save/load."""
+
+import pytest
+import torch
+from PIL import Image
+
+from vlm import CallbackStreamer, ModelConfig, build_vlm, load_pretrained
+from vlm.testing import tiny_tower
+
+
+def _picture(seed: int, size: int = 56) -> Image.Image:
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (size, size, 3), generator=generator, dtype=torch.uint8)
+    return Image.fromarray(pixels.numpy())
+
+
+def test_only_projector_trains_by_default(tiny_model):
+    model, processor = tiny_model
+    trainable = {name.split(".")[0] for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"projector"}
+    inputs = processor(images=[_picture(0)], text=["<image>\nthe panel shows a gauge"])
+    out = model(**inputs, labels=inputs["input_ids"])
+    out.loss.backward()
+    grads = {name.split(".")[0] for name, p in model.named_parameters() if p.grad is not None}
+    assert grads == {"projector"}
+    assert all(p.grad.abs().sum() > 0 for p in model.projector.parameters())
+    model.zero_grad(set_to_none=True)
+    model.train()
+    assert not model.vision_tower.training and not model.vision_tower.encoder.training
+
+
+def test_visual_tokens_fill_image_slots_and_never_carry_loss(tiny_model):
+    model, processor = tiny_model
+    inputs = processor(images=[_picture(1)], text=["<image>\nwhat is the asset code"])
+    slots = inputs["input_ids"] == model.config.image_token_id
+    assert int(slots.sum()) == model.config.tokens_per_image == 16
+    embeds = model.embed_inputs(inputs["input_ids"], inputs["pixel_values"])
+    torch.testing.assert_close(embeds[slots], model.image_features(inputs["pixel_values"])[0])
+    text_only = model.language_model.get_input_embeddings()(inputs["input_ids"])
+    torch.testing.assert_close(embeds[~slots], text_only[~slots])
+    # Labels that include the placeholder ids give the same loss as labels with those positions masked.
+    masked = inputs["input_ids"].masked_fill(slots, -100)
+    loss_a = model(**inputs, labels=inputs["input_ids"]).loss
+    loss_b = model(**inputs, labels=masked).loss
+    torch.testing.assert_close(loss_a, loss_b)
+
+
+def test_count_mismatch_names_both_counts(tiny_model):
+    model, processor = tiny_model
+    with pytest.raises(ValueError, match=r"2 <image> placeholder\(s\) but 1 image"):
+        processor(images=[_picture(0)], text=["<image> and <image>"])
+    two = processor(images=[_picture(0), _picture(1)], text=["<image> and <image>"])
+    with pytest.raises(ValueError, match=r"32 image-token slots \(2 image\(s\).*1 image\(s\) gave 16 visual tokens"):
+        model(input_ids=two["input_ids"], pixel_values=two["pixel_values"][:1])
+
+
+def test_mixed_batch_forward_and_generate_match_single_samples(tiny_model):
+    model, processor = tiny_model
+    texts = ["a text only question about gauges", "<image> first <image> second: which is red?"]
+    images = [[], [_picture(2), _picture(3)]]
+    batch = processor(images=images, text=texts)
+    assert batch["pixel_values"].shape[0] == 2
+    logits = model(**batch).logits
+    assert torch.isfinite(logits).all()
+    generated = model.generate(**batch, max_new_tokens=6, do_sample=False)
+    for row, (text, pictures) in enumerate(zip(texts, images, strict=True)):
+        single = processor(images=pictures or None, text=[text])
+        alone = model.generate(**single, max_new_tokens=6, do_sample=False)
+        assert generated[row, -6:].tolist() == alone[0, -6:].tolist()
+        torch.testing.assert_close(model(**single).logits[0, -1], logits[row, -1], atol=1e-4, rtol=1e-4)
+
+
+def test_generate_sampling_and_streaming(tiny_model):
+    model, processor = tiny_model
+    inputs = processor(images=[_picture(4)], text=["<image>\ndescribe the panel"])
+    pieces: list[str] = []
+    torch.manual_seed(0)
+    sampled = model.generate(**inputs, max_new_tokens=8, do_sample=True, temperature=1.0, min_new_tokens=8,
+                             streamer=CallbackStreamer(processor.tokenizer, pieces.append))
+    new_tokens = sampled[0, inputs["input_ids"].shape[1]:]
+    assert len(new_tokens) == 8
+    assert "".join(pieces).strip() == processor.decode(new_tokens).strip()
+    assert model.config.image_token_id not in new_tokens.tolist()
+
+
+def test_kv_cache_continues_a_chat_with_one_tower_run(tiny_model):
+    model, processor = tiny_model
+    calls = []
+    hook = model.vision_tower.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        first = processor(images=[_picture(5)], text=["<image>\nwhat is the asset code"])
+        turn1 = model.generate(**first, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+        follow = processor(text=[" is the fault lamp on"])["input_ids"]
+        ids = torch.cat([turn1.sequences, follow], dim=1)
+        cached = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                past_key_values=turn1.past_key_values, max_new_tokens=4, do_sample=False)
+        assert len(calls) == 1
+        fresh = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=first["pixel_values"],
+                               max_new_tokens=4, do_sample=False)
+        assert cached[0, -4:].tolist() == fresh[0, -4:].tolist()
+    finally:
+        hook.remove()
+
+
+def test_larger_image_interpolates_position_embeddings(tmp_path, parts):
+    tower = tiny_tower(tmp_path / "clip336", "clip", image_size=336, layers=1)
+    model, processor = build_vlm(ModelConfig(vision_tower=str(tower), language_model=str(parts["llama"]),
+                                             image_size=448))
+    assert model.config.tokens_per_image == (448 // 14) ** 2
+    inputs = processor(images=[_picture(6, size=500)], text=["<image>\nwhat is shown"])
+    assert inputs["pixel_values"].shape[-2:] == (448, 448)
+    out = model(**inputs)
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 1024
+    assert torch.isfinite(out.logits).all()
+
+
+@pytest.mark.parametrize(("projector", "select", "expected"), [
+    ("linear", "patch", 16), ("mlp2x_gelu", "cls_patch", 17), ("merge2x2_mlp", "patch", 4)])
+def test_projectors_and_token_counts(parts, projector, select, expected):
+    model, processor = build_vlm(ModelConfig(vision_tower=str(parts["clip"]), language_model=str(parts["qwen2"]),
+                                             projector=projector, vision_feature_select=select))
+    assert model.config.tokens_per_image == expected
+    inputs = processor(images=[_picture(7)], text=["<image> hi"])
+    assert model.image_features(inputs["pixel_values"]).shape == (1, expected, 64)
+    assert torch.isfinite(model(**inputs).logits).all()
+
+
+def test_siglip_has_no_cls_to_drop(parts):
+    model, _ = build_vlm(ModelConfig(vision_tower=str(parts["siglip"]), language_model=str(parts["qwen2"])))
+    assert model.vision_tower.prefix_tokens == 0 and model.config.tokens_per_image == 16
+
+
+def test_whole_clip_checkpoint_loads_its_vision_half(parts):
+    model, _ = build_vlm(ModelConfig(vision_tower=str(parts["clip_full"]), language_model=str(parts["llama"])))
+    assert type(model.vision_tower.encoder).__name__ == "CLIPVisionModel"
+
+
+@pytest.mark.parametrize("full", [True, False])
+def test_save_and_load_give_the_same_model(tmp_path, tiny_model, full):
+    model, processor = tiny_model
+    with torch.no_grad():
+        model.projector.linear_2.bias.add_(0.5)  # make sure the projector really is read back
+    model.save_pretrained(tmp_path / "saved", processor, full=full)
+    assert (tmp_path / "saved" / "config.json").is_file()
+    assert (tmp_path / "saved" / "projector.safetensors").is_file()
+    assert (tmp_path / "saved" / "language_model").is_dir() == full
+    loaded, loaded_processor = load_pretrained(tmp_path / "saved")
+    inputs = processor(images=[_picture(8)], text=["<image> check"])
+    torch.testing.assert_close(loaded(**loaded_processor(images=[_picture(8)], text=["<image> check"])).logits,
+                               model(**inputs).logits)
+    with torch.no_grad():
+        model.projector.linear_2.bias.sub_(0.5)
+
+
+def test_load_errors_are_one_line(tmp_path):
+    with pytest.raises(FileNotFoundError, match="neither a folder nor a reachable hub repository"):
+        load_pretrained(tmp_path / "nothing-here")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        load_pretrained(tmp_path / "empty")

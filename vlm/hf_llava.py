@@ -1,0 +1,125 @@
+"""Hugging Face Llava interop: the folder ``LlavaForConditionalGeneration`` and ``AutoProcessor`` read, both ways.
+
+Weights move module by module (same tensors, no renaming by hand): transformers itself then writes and
+reads the Llava checkpoint layout, including the older llava-hf key names it maps on load.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoProcessor,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaImageProcessorPil,
+    LlavaProcessor,
+)
+
+from vlm.config import ModelConfig
+from vlm.model import VLM, _torch_dtype
+from vlm.processor import VLMProcessor
+from vlm.projector import MLPProjector
+from vlm.vision import VisionTower
+
+
+class ExportError(ValueError):
+    pass
+
+
+def _llava_strategy(tower: VisionTower) -> str:
+    # Llava's "default" drops exactly one leading token (CLIP's CLS); "full" keeps everything.
+    if tower.select == "patch" and tower.prefix_tokens == 1:
+        return "default"
+    if tower.select == "cls_patch" or tower.prefix_tokens == 0:
+        return "full"
+    raise ExportError(f"cannot export because the tower has {tower.prefix_tokens} prefix tokens to drop and Llava "
+                      "can drop only one")
+
+
+def export_llava(model: VLM, processor: VLMProcessor, out_dir: str | Path) -> Path:
+    """Write ``model`` as a Hugging Face Llava folder (mlp2x_gelu projector only)."""
+    config = model.config
+    if config.projector != "mlp2x_gelu":
+        raise ExportError(f"cannot export because Llava's projector is mlp2x_gelu and this model's is "
+                          f"{config.projector!r}")
+    tower = model.vision_tower
+    if (config.image_size or tower.native_image_size) != tower.native_image_size:
+        raise ExportError(f"cannot export because Llava does not interpolate position embeddings: the model "
+                          f"reads {config.image_size}-px images with a {tower.native_image_size}-px tower")
+    if hasattr(model.language_model, "peft_config"):
+        raise ExportError("cannot export because the LM still has LoRA adapters: merge them first (python -m vlm.merge)")
+    strategy = _llava_strategy(tower)
+    llm = model.language_model
+    llava_config = LlavaConfig(
+        vision_config=tower.encoder.config.to_dict(), text_config=llm.config.to_dict(),
+        image_token_index=config.image_token_id, image_seq_length=config.tokens_per_image,
+        vision_feature_layer=tower.feature_layer, vision_feature_select_strategy=strategy,
+        projector_hidden_act="gelu", multimodal_projector_bias=True,
+        tie_word_embeddings=llm.config.tie_word_embeddings,
+    )
+    with torch.device("meta"):
+        llava = LlavaForConditionalGeneration(llava_config)
+    llava.model.vision_tower = tower.encoder
+    llava.model.multi_modal_projector.load_state_dict(model.projector.state_dict(), assign=True)
+    llava.model.language_model = llm.get_decoder()
+    llava.lm_head = llm.get_output_embeddings()
+    llava.generation_config = llm.generation_config
+    out = Path(out_dir)
+    llava.save_pretrained(out)
+
+    source = processor.image_processor
+    image_processor = LlavaImageProcessorPil(
+        do_pad=config.image_aspect == "pad", do_center_crop=True, image_mean=list(source.image_mean),
+        image_std=list(source.image_std), size={"shortest_edge": tower.native_image_size},
+        crop_size={"height": tower.native_image_size, "width": tower.native_image_size},
+        resample=source.resample, rescale_factor=source.rescale_factor)
+    LlavaProcessor(image_processor=image_processor, tokenizer=processor.tokenizer, patch_size=tower.patch_size,
+                   vision_feature_select_strategy=strategy, image_token=config.image_token,
+                   num_additional_image_tokens=tower.prefix_tokens,
+                   chat_template=processor.tokenizer.chat_template).save_pretrained(out)
+    return out
+
+
+def import_llava(path: str | Path, device: str | torch.device | None = None,
+                 dtype: str | None = None) -> tuple[VLM, VLMProcessor]:
+    """Read a Hugging Face Llava folder into a project VLM that shares its weights."""
+    llava = LlavaForConditionalGeneration.from_pretrained(path, dtype=_torch_dtype(dtype) if dtype else "auto")
+    llava_config = llava.config
+    if not isinstance(llava_config.vision_feature_layer, int):
+        raise ValueError("cannot import a Llava model that concatenates several vision layers")
+    if llava_config.projector_hidden_act != "gelu" or not llava_config.multimodal_projector_bias:
+        raise ValueError("cannot import: only the gelu projector with biases (mlp2x_gelu) is supported")
+    tower = VisionTower(llava.model.vision_tower, llava_config.vision_feature_layer, "patch")
+    select = {"default": "patch", "full": "cls_patch" if tower.prefix_tokens else "patch"}
+    if llava_config.vision_feature_select_strategy == "default" and tower.prefix_tokens != 1:
+        raise ValueError("cannot import: 'default' drops a token this tower does not have")
+    tower.select = select[llava_config.vision_feature_select_strategy]
+
+    projector = MLPProjector(tower.hidden_size, llava_config.text_config.hidden_size)
+    projector.load_state_dict(llava.model.multi_modal_projector.state_dict(), assign=True)
+    with torch.device("meta"):
+        llm = AutoModelForCausalLM.from_config(llava_config.text_config)
+    setattr(llm, llm.base_model_prefix, llava.model.language_model)
+    llm.set_output_embeddings(llava.lm_head)
+    llm.generation_config = llava.generation_config
+    llm.requires_grad_(False)
+
+    hf_processor = AutoProcessor.from_pretrained(path, backend="pil")
+    image_size = llava_config.vision_config.image_size
+    config = ModelConfig(
+        vision_tower=str(path), language_model=str(path), projector="mlp2x_gelu",
+        vision_feature_layer=llava_config.vision_feature_layer, vision_feature_select=tower.select,
+        image_size=None, image_aspect="pad" if getattr(hf_processor.image_processor, "do_pad", False) else "crop",
+        image_token=hf_processor.image_token, dtype=str(projector.linear_1.weight.dtype).removeprefix("torch."),
+        image_token_id=llava_config.image_token_id,
+        tokens_per_image=tower.tokens_per_image(image_size),
+    )
+    model = VLM(config, tower, projector, llm)
+    if device is not None:
+        model.to(device)
+    processor = VLMProcessor(hf_processor.tokenizer, hf_processor.image_processor, config.tokens_per_image,
+                             config.image_token, None, config.image_aspect)
+    return model, processor

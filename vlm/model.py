@@ -1,0 +1,234 @@
+"""The VLM: frozen vision tower -> projector -> any causal LM, images entering by a mask over ``<image>`` slots."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel, TextStreamer
+
+from vlm.config import ModelConfig
+from vlm.processor import VLMProcessor, load_image_processor, load_tokenizer
+from vlm.projector import build_projector, projected_tokens
+from vlm.vision import VisionTower, load_vision_encoder
+
+PROJECTOR_FILE = "projector.safetensors"
+
+
+class VLM(nn.Module):
+    def __init__(self, config: ModelConfig, vision_tower: VisionTower, projector: nn.Module,
+                 language_model: PreTrainedModel) -> None:
+        super().__init__()
+        self.config = config
+        self.vision_tower = vision_tower
+        self.projector = projector
+        self.language_model = language_model
+
+    # ---- images -> visual tokens -> embeddings ------------------------------------------------
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Visual tokens ``[images, tokens_per_image, llm_width]`` for a batch of images."""
+        features = self.vision_tower(pixel_values)
+        return self.projector(features.to(self.projector_dtype))
+
+    @property
+    def projector_dtype(self) -> torch.dtype:
+        return next(self.projector.parameters()).dtype
+
+    def embed_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                     image_features: torch.Tensor | None = None, start: int = 0) -> torch.Tensor:
+        """Token embeddings with the ``<image>`` slots from position ``start`` on overwritten by visual tokens.
+
+        ``image_features`` (``[images, tokens, width]``, e.g. from a feature cache) replaces running the tower.
+        Slots before ``start`` are already in a KV cache and are left alone.
+        """
+        embeds = self.language_model.get_input_embeddings()(input_ids)
+        slots = input_ids == self.config.image_token_id
+        slots[:, :start] = False
+        if image_features is None and pixel_values is not None:
+            image_features = self.image_features(pixel_values)
+        n_slots = int(slots.sum())
+        n_images = 0 if image_features is None else image_features.shape[0]
+        n_features = 0 if image_features is None else image_features.shape[0] * image_features.shape[1]
+        if n_slots != n_features:
+            per_image = self.config.tokens_per_image
+            raise ValueError(f"input_ids hold {n_slots} image-token slots ({n_slots / per_image:g} image(s) at "
+                             f"{per_image} tokens each) but {n_images} image(s) gave {n_features} visual tokens")
+        if n_slots:
+            embeds = embeds.masked_scatter(slots.unsqueeze(-1), image_features.to(embeds.dtype))
+        return embeds
+
+    # ---- forward and generation ------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                image_features: torch.Tensor | None = None, **kwargs):
+        """Returns the LM's output (``loss`` when ``labels`` are given, ``logits``, ``past_key_values``)."""
+        embeds = self.embed_inputs(input_ids, pixel_values, image_features)
+        if labels is not None:  # a visual token is never a target
+            labels = labels.masked_fill(input_ids == self.config.image_token_id, -100)
+        return self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 pixel_values: torch.Tensor | None = None, image_features: torch.Tensor | None = None,
+                 past_key_values=None, **generate_kwargs):
+        """Hugging Face ``generate`` over the joined embeddings: the tower runs once, the KV cache does the rest.
+
+        Returns what ``generate`` returns: sequences that start with ``input_ids``. Passing the
+        ``past_key_values`` of an earlier turn (``return_dict_in_generate=True``) continues a chat without
+        re-encoding what the cache holds, the image included.
+        """
+        cached = past_key_values.get_seq_length() if past_key_values is not None else 0
+        embeds = self.embed_inputs(input_ids, pixel_values, image_features, start=cached)
+        return self.language_model.generate(input_ids=input_ids, inputs_embeds=embeds, attention_mask=attention_mask,
+                                            past_key_values=past_key_values, **generate_kwargs)
+
+    # ---- what trains ---------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.projector.parameters()).device
+
+    def parameter_groups(self) -> dict[str, nn.Module]:
+        return {"vision_tower": self.vision_tower, "projector": self.projector, "language_model": self.language_model}
+
+    # ---- save ----------------------------------------------------------------------------------
+    def save_pretrained(self, out_dir: str | Path, processor: VLMProcessor, full: bool = True) -> None:
+        """One folder that describes itself: ``config.json``, the projector, and (``full``) the tower and LM.
+
+        With ``full=False`` (a stage-1 result) the config keeps pointing at the tower and LM it was
+        built from, and only the projector is written.
+        """
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        config = ModelConfig(**vars(self.config))
+        if full:
+            self.vision_tower.encoder.save_pretrained(out / "vision_tower")
+            processor.image_processor.save_pretrained(out / "vision_tower")
+            self.language_model.save_pretrained(out / "language_model")
+            processor.tokenizer.save_pretrained(out / "language_model")
+            config.vision_tower, config.language_model = "vision_tower", "language_model"
+        save_file({k: v.contiguous() for k, v in self.projector.state_dict().items()}, out / PROJECTOR_FILE)
+        config.to_json_file(out / "config.json")
+
+
+class CallbackStreamer(TextStreamer):
+    """Streams decoded text of the new tokens to a callback as it comes (``generate(streamer=...)``)."""
+
+    def __init__(self, tokenizer, on_text: Callable[[str], None]) -> None:
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.on_text = on_text
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        if text:
+            self.on_text(text)
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"dtype={name!r} is not a torch dtype (float32, bfloat16, float16)")
+    return dtype
+
+
+def _resolve(root: Path | None, reference: str) -> str:
+    """A component named relative to a saved folder lives inside it; anything else is a path or hub id."""
+    if root is not None and (root / reference).exists():
+        return str(root / reference)
+    return reference
+
+
+def _make_room_for(language_model: PreTrainedModel, vocab_size: int) -> None:
+    """Grow the LM's vocabulary to hold ``<image>``, deterministically.
+
+    transformers samples new rows at random; a stage-1 checkpoint that re-adds the token on every
+    load would then see a different ``<image>`` logit each time. The mean row is the same every time.
+    """
+    old_size = language_model.get_input_embeddings().num_embeddings
+    if vocab_size <= old_size:
+        return
+    language_model.resize_token_embeddings(vocab_size, mean_resizing=False)
+    matrices = {id(m.weight): m.weight for m in (language_model.get_input_embeddings(),
+                                                 language_model.get_output_embeddings()) if m is not None}
+    with torch.no_grad():
+        for weight in matrices.values():
+            weight[old_size:] = weight[:old_size].mean(0)
+
+
+def build_vlm(config: ModelConfig, root: str | Path | None = None, load_in_4bit: bool = False,
+              device: str | torch.device | None = None) -> tuple[VLM, VLMProcessor]:
+    """Assemble a VLM from its config: load tower and LM, add ``<image>``, and load the projector if saved.
+
+    ``root`` is the folder the config came from (components and ``projector.safetensors`` are looked up
+    there); without one, the projector starts from random initialisation.
+    """
+    root = Path(root) if root is not None else None
+    dtype = _torch_dtype(config.dtype)
+    tower_path, llm_path = _resolve(root, config.vision_tower), _resolve(root, config.language_model)
+
+    tower = VisionTower(load_vision_encoder(tower_path, dtype=dtype), config.vision_feature_layer,
+                        config.vision_feature_select)
+    tokenizer = load_tokenizer(llm_path, config.image_token)
+    quantization = None
+    if load_in_4bit:
+        # Quantize the LM's linear layers only; the tower and projector are separate modules here and
+        # lm_head stays in full precision as QLoRA does.
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                          bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=["lm_head"])
+    language_model = AutoModelForCausalLM.from_pretrained(llm_path, dtype=dtype, quantization_config=quantization)
+    _make_room_for(language_model, len(tokenizer))
+    image_token_id = tokenizer.convert_tokens_to_ids(config.image_token)
+    if config.image_token_id is not None and config.image_token_id != image_token_id:
+        raise ValueError(f"{config.image_token} has id {image_token_id} in tokenizer {llm_path} but the config "
+                         f"was saved with id {config.image_token_id}")
+    # A placeholder is never a token to generate.
+    language_model.generation_config.suppress_tokens = sorted(
+        set(language_model.generation_config.suppress_tokens or []) | {image_token_id})
+    language_model.requires_grad_(False)
+
+    image_size = config.image_size or tower.native_image_size
+    config.image_token_id = image_token_id
+    config.tokens_per_image = projected_tokens(config.projector, tower.tokens_per_image(image_size))
+    projector = build_projector(config.projector, tower.hidden_size, language_model.config.hidden_size).to(dtype)
+    if root is not None and (root / PROJECTOR_FILE).exists():
+        projector.load_state_dict(load_file(root / PROJECTOR_FILE))
+
+    model = VLM(config, tower, projector, language_model)
+    if device is not None and not load_in_4bit:
+        model.to(device)
+    processor = VLMProcessor(tokenizer, load_image_processor(tower_path), config.tokens_per_image,
+                             config.image_token, config.image_size, config.image_aspect)
+    return model, processor
+
+
+def load_pretrained(name_or_path: str | Path, load_in_4bit: bool = False, device: str | torch.device | None = None,
+                    dtype: str | None = None) -> tuple[VLM, VLMProcessor]:
+    """Load a project folder, a hub id of one, or a Hugging Face Llava folder / hub id."""
+    root = Path(name_or_path)
+    if not root.is_dir():
+        from huggingface_hub import snapshot_download
+
+        try:
+            root = Path(snapshot_download(str(name_or_path)))
+        except Exception as error:  # the hub client raises many types; all mean "not here"
+            raise FileNotFoundError(f"model {name_or_path} is neither a folder nor a reachable hub repository "
+                                    f"({type(error).__name__})") from None
+    config_file = root / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"model folder {root} has no config.json")
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{config_file} is not valid JSON: {error}") from None
+    if model_type == "llava":
+        from vlm.hf_llava import import_llava
+
+        return import_llava(root, device=device, dtype=dtype)
+    if model_type != "vlm":
+        raise ValueError(f"{config_file} has model_type {model_type!r}; expected 'vlm' or 'llava'")
+    config = ModelConfig.from_json_file(config_file)
+    if dtype is not None:
+        config.dtype = dtype
+    return build_vlm(config, root, load_in_4bit=load_in_4bit, device=device)

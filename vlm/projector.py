@@ -1,0 +1,52 @@
+"""Projectors: vision features ``[images, tokens, vision_width]`` -> LLM embeddings ``[images, tokens', llm_width]``."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class MLPProjector(nn.Module):
+    """LLaVA-1.5's ``mlp2x_gelu``. Attribute names match Hugging Face Llava's, so export is a rename-free copy."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.linear_1 = nn.Linear(in_features, out_features)
+        self.act = nn.GELU()
+        self.linear_2 = nn.Linear(out_features, out_features)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(features)))
+
+
+class Merge2x2Projector(nn.Module):
+    """Concatenate each 2x2 block of neighbouring patches (pixel-unshuffle), then the MLP: 4x fewer tokens."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.mlp = MLPProjector(4 * in_features, out_features)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        images, tokens, width = features.shape
+        grid = math.isqrt(tokens)
+        if grid * grid != tokens or grid % 2:
+            raise ValueError(f"merge2x2_mlp needs an even square patch grid, got {tokens} tokens "
+                             "(use vision_feature_select=patch and an image size of an even number of patches)")
+        blocks = features.view(images, grid // 2, 2, grid // 2, 2, width).permute(0, 1, 3, 2, 4, 5)
+        return self.mlp(blocks.reshape(images, tokens // 4, 4 * width))
+
+
+def build_projector(kind: str, vision_width: int, llm_width: int) -> nn.Module:
+    if kind == "linear":
+        return nn.Linear(vision_width, llm_width)
+    if kind == "mlp2x_gelu":
+        return MLPProjector(vision_width, llm_width)
+    if kind == "merge2x2_mlp":
+        return Merge2x2Projector(vision_width, llm_width)
+    raise ValueError(f"unknown projector {kind!r}; choose linear, mlp2x_gelu or merge2x2_mlp")
+
+
+def projected_tokens(kind: str, vision_tokens: int) -> int:
+    return vision_tokens // 4 if kind == "merge2x2_mlp" else vision_tokens
