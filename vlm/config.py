@@ -50,12 +50,66 @@ class ModelConfig:
 
 
 @dataclass
+class DataConfig:
+    """Where training samples come from and how they become token sequences."""
+
+    path: str | None = None  # LLaVA JSON / JSONL, or a local datasets folder / json / parquet / arrow file
+    image_folder: str = "."  # record image paths are relative to this
+    image_column: str = "image"  # for Hugging Face datasets: paths, bytes or PIL images
+    template: str = "chat"  # plain (stage 1: image + caption) | chat (the model's chat template)
+    max_length: int = 2048  # counts visual tokens
+    on_too_long: str = "skip"  # skip (reported) | truncate (never inside an image, never to zero loss) | error
+    max_bad_fraction: float = 0.0  # training refuses to start above this share of bad records
+    cache_features: bool = False  # run the frozen tower once and read its features from disk after
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        _check_choice("data.template", self.template, ("plain", "chat"))
+        _check_choice("data.on_too_long", self.on_too_long, ("skip", "truncate", "error"))
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation. Global batch = batch_size x grad_accum x processes."""
+
+    lr: float = 1e-3
+    projector_lr: float | None = None  # stage 2: the projector's own rate (LLaVA-1.5: 2e-5)
+    weight_decay: float = 0.0
+    epochs: float = 1.0
+    max_steps: int | None = None  # optimizer steps; overrides epochs
+    batch_size: int = 8  # per device
+    grad_accum: int = 1
+    warmup_ratio: float = 0.03
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"  # no | bf16 | fp16 (Accelerate)
+    gradient_checkpointing: bool = False
+    group_by_length: bool = True
+    save_every: int = 0  # steps between resumable checkpoints; 0: only at the end
+    log_every: int = 1
+    log_with: str | None = None  # e.g. tensorboard (Accelerate trackers)
+    lora_r: int = 128
+    lora_alpha: int = 256
+    lora_dropout: float = 0.05
+    lora_target: list[str] | None = None  # None: every linear layer of the LM
+    full_finetune: bool = False  # stage instruct: train all LM weights instead of LoRA
+    load_in_4bit: bool = False  # QLoRA through bitsandbytes
+
+
+@dataclass
 class Config:
-    """A whole experiment: the model, and (for training) the data and the optimisation."""
+    """A whole experiment: the model, the data, the optimisation and the stage."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    stage: str = "align"  # align: projector only | instruct: LoRA (or full) LM + projector
+    init_from: str | None = None  # a saved model folder to start from (stage 2 starts from stage 1)
+    resume: bool | str = False  # true: the latest checkpoint in output_dir; or a checkpoint path
     output_dir: str = "runs/default"
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_choice("stage", self.stage, ("align", "instruct"))
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
