@@ -17,6 +17,7 @@ from vlm.projector import build_projector, projected_tokens
 from vlm.vision import VisionTower, load_vision_encoder
 
 PROJECTOR_FILE = "projector.safetensors"
+ADAPTER_DIR = "adapter"
 
 
 class VLM(nn.Module):
@@ -39,41 +40,42 @@ class VLM(nn.Module):
         return next(self.projector.parameters()).dtype
 
     def embed_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-                     image_features: torch.Tensor | None = None, start: int = 0) -> torch.Tensor:
+                     vision_features: torch.Tensor | None = None, start: int = 0) -> torch.Tensor:
         """Token embeddings with the ``<image>`` slots from position ``start`` on overwritten by visual tokens.
 
-        ``image_features`` (``[images, tokens, width]``, e.g. from a feature cache) replaces running the tower.
-        Slots before ``start`` are already in a KV cache and are left alone.
+        ``vision_features`` (the tower's output ``[images, patches, width]``, e.g. from a feature cache)
+        replaces running the tower. Slots before ``start`` are already in a KV cache and are left alone.
         """
         embeds = self.language_model.get_input_embeddings()(input_ids)
         slots = input_ids == self.config.image_token_id
         slots[:, :start] = False
-        if image_features is None and pixel_values is not None:
-            image_features = self.image_features(pixel_values)
+        if vision_features is None and pixel_values is not None:
+            vision_features = self.vision_tower(pixel_values)
+        image_embeds = None if vision_features is None else self.projector(vision_features.to(self.projector_dtype))
         n_slots = int(slots.sum())
-        n_images = 0 if image_features is None else image_features.shape[0]
-        n_features = 0 if image_features is None else image_features.shape[0] * image_features.shape[1]
+        n_images = 0 if image_embeds is None else image_embeds.shape[0]
+        n_features = 0 if image_embeds is None else image_embeds.shape[0] * image_embeds.shape[1]
         if n_slots != n_features:
             per_image = self.config.tokens_per_image
             raise ValueError(f"input_ids hold {n_slots} image-token slots ({n_slots / per_image:g} image(s) at "
                              f"{per_image} tokens each) but {n_images} image(s) gave {n_features} visual tokens")
         if n_slots:
-            embeds = embeds.masked_scatter(slots.unsqueeze(-1), image_features.to(embeds.dtype))
+            embeds = embeds.masked_scatter(slots.unsqueeze(-1), image_embeds.to(embeds.dtype))
         return embeds
 
     # ---- forward and generation ------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                image_features: torch.Tensor | None = None, **kwargs):
+                vision_features: torch.Tensor | None = None, **kwargs):
         """Returns the LM's output (``loss`` when ``labels`` are given, ``logits``, ``past_key_values``)."""
-        embeds = self.embed_inputs(input_ids, pixel_values, image_features)
+        embeds = self.embed_inputs(input_ids, pixel_values, vision_features)
         if labels is not None:  # a visual token is never a target
             labels = labels.masked_fill(input_ids == self.config.image_token_id, -100)
         return self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **kwargs)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 pixel_values: torch.Tensor | None = None, image_features: torch.Tensor | None = None,
+                 pixel_values: torch.Tensor | None = None, vision_features: torch.Tensor | None = None,
                  past_key_values=None, **generate_kwargs):
         """Hugging Face ``generate`` over the joined embeddings: the tower runs once, the KV cache does the rest.
 
@@ -82,7 +84,7 @@ class VLM(nn.Module):
         re-encoding what the cache holds, the image included.
         """
         cached = past_key_values.get_seq_length() if past_key_values is not None else 0
-        embeds = self.embed_inputs(input_ids, pixel_values, image_features, start=cached)
+        embeds = self.embed_inputs(input_ids, pixel_values, vision_features, start=cached)
         return self.language_model.generate(input_ids=input_ids, inputs_embeds=embeds, attention_mask=attention_mask,
                                             past_key_values=past_key_values, **generate_kwargs)
 
@@ -195,6 +197,10 @@ def build_vlm(config: ModelConfig, root: str | Path | None = None, load_in_4bit:
     if root is not None and (root / PROJECTOR_FILE).exists():
         projector.load_state_dict(load_file(root / PROJECTOR_FILE))
 
+    if root is not None and (root / ADAPTER_DIR / "adapter_config.json").is_file():
+        from peft import PeftModel  # a stage-2 result: base LM + LoRA adapter, not merged yet
+
+        language_model = PeftModel.from_pretrained(language_model, root / ADAPTER_DIR)
     model = VLM(config, tower, projector, language_model)
     if device is not None and not load_in_4bit:
         model.to(device)

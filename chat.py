@@ -1,0 +1,65 @@
+"""Chat about an image: ``python chat.py --image panel.jpg [--prompt "What is the asset code?"]``.
+
+Without ``--prompt`` it opens a multi-turn chat on stdin (an empty line or ``exit`` ends it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "demo"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--image", required=True, help="the picture to talk about")
+    parser.add_argument("--model", default=str(DEFAULT_MODEL),
+                        help="a project model folder, a hub id, or a Hugging Face Llava folder")
+    parser.add_argument("--prompt", help="answer this once and exit")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16, float16")
+    parser.add_argument("--load-4bit", action="store_true", help="load the LM in 4 bits (bitsandbytes)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from vlm.images import ImageError, load_image  # heavy imports after argument errors are reported
+    from vlm.model import load_pretrained
+    from vlm.session import ChatSession
+
+    try:
+        image = load_image(args.image)
+        model, processor = load_pretrained(args.model, load_in_4bit=args.load_4bit, device=args.device,
+                                           dtype=args.dtype)
+    except (ImageError, FileNotFoundError, ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    session = ChatSession(model, processor, image, args.max_new_tokens, args.temperature)
+
+    def stream(text: str) -> None:
+        print(text, end="", flush=True)
+
+    if args.prompt:
+        session.ask(args.prompt, on_text=stream)
+        print()
+        return 0
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("you> ", end="", flush=True)
+        line = sys.stdin.readline()
+        question = line.strip()
+        if not line or question in ("", "exit", "quit"):
+            return 0
+        print("vlm> ", end="", flush=True)
+        session.ask(question, on_text=stream)
+        print(flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
