@@ -1,0 +1,434 @@
+"""Procedural equipment-inspection panels whose ground truth is known exactly.
+
+The truth is sampled first (``sample_truth``) and the image is drawn from it (``render``), each from its own
+random stream, so changing how a panel looks never changes what it shows. ``assess`` turns the truth
+into a severity and an action by the fixed rules in its docstring.
+"""
+
+import functools
+import math
+import random
+from collections.abc import Callable
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
+LAMP_LABELS = ("PWR", "RUN", "FAULT", "TEMP", "COMM", "ALARM")
+# Fixed per label, as on real panels. FAULT and ALARM share red, PWR and RUN share green, so the
+# printed label has to be read: colour alone never identifies a lamp.
+LAMP_COLOURS = {"PWR": "green", "RUN": "green", "FAULT": "red", "TEMP": "amber", "COMM": "blue",
+                "ALARM": "red"}
+LAMP_ON_P = {"PWR": 0.85, "RUN": 0.6, "FAULT": 0.18, "TEMP": 0.25, "COMM": 0.6, "ALARM": 0.15}
+# Cheap defects drawn more often than severe ones, so the overall severities come out roughly balanced.
+DAMAGE_WEIGHTS = {"crack": 0.18, "corrosion": 0.22, "scorch": 0.12, "missing_screw": 0.26, "dent": 0.22}
+DAMAGE_TYPES = tuple(DAMAGE_WEIGHTS)
+LOCATIONS = ("top-left", "top-center", "top-right", "middle-left", "center", "middle-right",
+             "bottom-left", "bottom-center", "bottom-right")
+SEVERITIES = ("none", "low", "medium", "high", "critical")
+DAMAGE_SEVERITY = {"crack": "high", "scorch": "high", "corrosion": "medium", "dent": "medium",
+                   "missing_screw": "low"}
+ACTIONS = {"none": "no action needed", "low": "schedule inspection", "medium": "schedule repair",
+           "high": "replace component", "critical": "isolate and shut down"}
+REPORT_FIELDS = ("asset_code", "lamps", "gauge_reading", "damage", "warning_label", "overall_severity",
+                 "recommended_action", "notes")
+# No I, O or Q: beside digits they read as 1 and 0 at 224 px, and a code must be unambiguous.
+CODE_LETTERS = "ABCDEFGHJKLMNPRSTUVWXYZ"
+RGB = {"green": (40, 225, 70), "amber": (255, 170, 20), "red": (245, 40, 30), "blue": (40, 130, 255)}
+# Screws sit on the eight border cells, so a missing screw can be anywhere but the center.
+SCREWS = {"top-left": (0.045, 0.045), "top-center": (0.5, 0.035), "top-right": (0.955, 0.045),
+          "middle-left": (0.035, 0.5), "middle-right": (0.965, 0.5), "bottom-left": (0.045, 0.955),
+          "bottom-center": (0.5, 0.965), "bottom-right": (0.955, 0.955)}
+FACES = ((200, 202, 205), (176, 186, 196), (206, 198, 178), (150, 165, 150), (125, 135, 145))
+RUST = ((150, 75, 30), (120, 60, 25), (180, 100, 40), (95, 50, 30))
+
+
+def findings(lamps: list[dict], gauge_reading: int, damage: list[dict]) -> list[tuple[str, str]]:
+    """Every rule of ``assess`` that fires, as (severity, reason), most severe first."""
+    lit = {lamp["label"] for lamp in lamps if lamp["on"]}
+    scorched = any(item["type"] == "scorch" for item in damage)
+    found = []
+    if "FAULT" in lit:
+        found.append(("critical", "FAULT lamp lit with scorch damage") if scorched
+                     else ("high", "FAULT lamp lit"))
+    if "ALARM" in lit:
+        found.append(("high", "ALARM lamp lit"))
+    if "TEMP" in lit:
+        found.append(("medium", "TEMP lamp lit"))
+    if gauge_reading > 90:
+        found.append(("high", f"gauge in red zone ({gauge_reading})"))
+    elif gauge_reading > 75:
+        found.append(("low", f"gauge elevated ({gauge_reading})"))
+    for item in damage:
+        kind = item["type"]
+        found.append((DAMAGE_SEVERITY[kind], f"{kind.replace('_', ' ')} at {item['location']}"))
+    return sorted(found, key=lambda f: -SEVERITIES.index(f[0]))
+
+
+def assess(lamps: list[dict], gauge_reading: int, damage: list[dict]) -> tuple[str, str]:
+    """Overall severity and recommended action of a panel.
+
+    Every rule that matches contributes its severity; the highest one wins (order: none < low <
+    medium < high < critical). No rule matching means "none". Lamps are "lit" when ``on`` is true.
+
+    | rule | condition                                   | severity |
+    |------|---------------------------------------------|----------|
+    | 1    | FAULT lamp lit and any scorch damage        | critical |
+    | 2    | FAULT lamp lit (no scorch)                  | high     |
+    | 3    | ALARM lamp lit                              | high     |
+    | 4    | gauge reading > 90 (red zone)               | high     |
+    | 5    | crack or scorch damage (any location)       | high     |
+    | 6    | TEMP lamp lit                               | medium   |
+    | 7    | corrosion or dent damage                    | medium   |
+    | 8    | gauge reading 76-90 (amber zone)            | low      |
+    | 9    | missing_screw damage                        | low      |
+    | 10   | none of the above                           | none     |
+
+    PWR, RUN and COMM lamps (lit or not) and the warning label are recorded but never change the
+    severity. Each damage item's own severity is rule 5/7/9 for its type (scorch stays "high" even
+    when rule 1 makes the panel critical). The action follows from the overall severity alone:
+
+    | overall severity | recommended action    |
+    |------------------|-----------------------|
+    | none             | no action needed      |
+    | low              | schedule inspection   |
+    | medium           | schedule repair       |
+    | high             | replace component     |
+    | critical         | isolate and shut down |
+    """
+    found = findings(lamps, gauge_reading, damage)
+    severity = found[0][0] if found else "none"
+    return severity, ACTIONS[severity]
+
+
+def make_report(truth: dict) -> dict:
+    """The inspection report of a panel: exactly ``REPORT_FIELDS``, in that order."""
+    severity, action = assess(truth["lamps"], truth["gauge_reading"], truth["damage"])
+    reasons = [reason for _, reason in findings(truth["lamps"], truth["gauge_reading"], truth["damage"])]
+    return {
+        "asset_code": truth["asset_code"],
+        "lamps": [{"label": x["label"], "colour": x["colour"], "on": x["on"]} for x in truth["lamps"]],
+        "gauge_reading": truth["gauge_reading"],
+        "damage": [{"type": x["type"], "location": x["location"], "severity": DAMAGE_SEVERITY[x["type"]]}
+                   for x in truth["damage"]],
+        "warning_label": truth["warning_label"],
+        "overall_severity": severity,
+        "recommended_action": action,
+        "notes": "; ".join(reasons) if reasons else "all indicators normal, no damage found",
+    }
+
+
+def sample_truth(rng: random.Random) -> dict:
+    """What a panel shows: asset code, lamps (left to right), gauge, damage, warning label."""
+    code = "".join(rng.choice(CODE_LETTERS) for _ in range(2)) + f"-{rng.randrange(10000):04d}"
+    labels = rng.sample(LAMP_LABELS, rng.randint(2, 4))
+    # Rule 1 would fire on ~2% of panels by chance; staging it on 7% gives "critical" enough examples.
+    critical = rng.random() < 0.07
+    if critical and "FAULT" not in labels:
+        labels[rng.randrange(len(labels))] = "FAULT"
+    lamps = [{"label": label, "colour": LAMP_COLOURS[label],
+              "on": (critical and label == "FAULT") or rng.random() < LAMP_ON_P[label]} for label in labels]
+    gauge = rng.randint(0, 100)
+    count = max(rng.choices((0, 1, 2), weights=(0.43, 0.39, 0.18))[0], int(critical))
+    damage: list[dict] = []
+    for i in range(count):
+        weights = list(DAMAGE_WEIGHTS.values())
+        kind = "scorch" if critical and i == 0 else rng.choices(DAMAGE_TYPES, weights)[0]
+        taken = {item["location"] for item in damage}
+        free = [loc for loc in LOCATIONS if loc not in taken and (kind != "missing_screw" or loc in SCREWS)]
+        damage.append({"type": kind, "location": rng.choice(free), "severity": DAMAGE_SEVERITY[kind]})
+    damage.sort(key=lambda item: LOCATIONS.index(item["location"]))
+    return {"asset_code": code, "lamps": lamps, "gauge_reading": gauge, "damage": damage,
+            "warning_label": rng.random() < 0.5}
+
+
+def panel_id(seed: int, index: int) -> str:
+    return f"panel_{seed}_{index:05d}"
+
+
+def generate_panel(seed: int, index: int, size: int = 336) -> tuple[Image.Image, dict]:
+    """Panel ``index`` of dataset ``seed`` as a ``size`` x ``size`` RGB image, and its ground truth.
+
+    The panel depends on (seed, index) only, so panel i is the same in a dataset of 5 or of 50.
+    """
+    truth = sample_truth(random.Random(f"vlm.synth.truth:{seed}:{index}"))
+    rng = random.Random(f"vlm.synth.render:{seed}:{index}")
+    image, camera = render(truth, size, rng, np.random.default_rng(rng.getrandbits(64)))
+    return image, {"id": panel_id(seed, index), **truth, "camera": camera}
+
+
+@functools.lru_cache(maxsize=256)
+def _font(px: int) -> ImageFont.FreeTypeFont:
+    return ImageFont.load_default(size=max(px, 5))
+
+
+def _fit_font(text: str, max_w: float, max_h: float) -> ImageFont.FreeTypeFont:
+    # The built-in font scales linearly, so one measurement at a reference size sizes any box.
+    left, top, right, bottom = _font(100).getbbox(text)
+    return _font(int(min(100 * max_w / (right - left), 100 * max_h / (bottom - top))))
+
+
+def _box(x: float, y: float, r: float, ry: float | None = None) -> tuple[float, float, float, float]:
+    return (x - r, y - (r if ry is None else ry), x + r, y + (r if ry is None else ry))
+
+
+def _mix(a: tuple, b: tuple, t: float) -> tuple[int, ...]:
+    return tuple(round(x * (1 - t) + y * t) for x, y in zip(a, b, strict=True))
+
+
+def _polar(cx: float, cy: float, r: float, degrees: float) -> tuple[float, float]:
+    return cx + r * math.cos(math.radians(degrees)), cy + r * math.sin(math.radians(degrees))
+
+
+def _gauge_angle(value: float) -> float:
+    # PIL angles run clockwise from 3 o'clock: 0 sits at bottom-left, 100 at bottom-right (270 deg sweep).
+    return 135 + 2.7 * value
+
+
+def _gauge(d: ImageDraw.ImageDraw, value: int, cx: float, cy: float, r: float) -> Callable[[], None]:
+    d.ellipse(_box(cx, cy, r), fill=(40, 40, 45))
+    d.ellipse(_box(cx, cy, r * 0.9), fill=(246, 246, 240))
+    width = max(1, round(r * 0.09))
+    d.arc(_box(cx, cy, r * 0.8), _gauge_angle(75), _gauge_angle(90), fill=(245, 170, 30), width=width)
+    d.arc(_box(cx, cy, r * 0.8), _gauge_angle(90), _gauge_angle(100), fill=(220, 40, 30), width=width)
+    font = _font(round(r * 0.2))
+    for v in range(0, 101, 5):
+        major, a = v % 10 == 0, _gauge_angle(v)
+        d.line((*_polar(cx, cy, r * (0.66 if major else 0.73), a), *_polar(cx, cy, 0.83 * r, a)),
+               fill=(25, 25, 25), width=max(1, round(r * (0.045 if major else 0.02))))
+        if v % 20 == 0 and font.size >= 7:  # smaller numerals are noise, not information
+            d.text(_polar(cx, cy, 0.5 * r, a), str(v), font=font, fill=(60, 60, 60), anchor="mm")
+    a = _gauge_angle(value)
+    shape = [_polar(cx, cy, 0.82 * r, a), *(_polar(cx, cy, 0.15 * r, a + turn) for turn in (160, -160))]
+
+    def needle() -> None:
+        d.polygon(shape, fill=(200, 25, 20))
+        d.ellipse(_box(cx, cy, r * 0.09), fill=(30, 30, 30))
+    return needle
+
+
+def _tag(d: ImageDraw.ImageDraw, code: str, pw: int, ph: int, rng: random.Random) -> Callable[[], None]:
+    x0, y0, x1, y1 = 0.16 * pw, 0.065 * ph, 0.84 * pw, 0.275 * ph
+    plate, ink = rng.choice((((238, 238, 232), (20, 20, 25)), ((242, 226, 150), (25, 20, 15)),
+                             ((212, 216, 222), (15, 25, 60)), ((40, 42, 48), (240, 240, 235))))
+    d.rounded_rectangle((x0, y0, x1, y1), radius=(y1 - y0) * 0.12, fill=plate, outline=(60, 60, 60),
+                        width=max(1, round(pw / 150)))
+    for x in (x0 + 0.035 * pw, x1 - 0.035 * pw):
+        d.ellipse(_box(x, (y0 + y1) / 2, 0.012 * pw), fill=(150, 150, 155), outline=(80, 80, 80))
+    font = _fit_font(code, 0.8 * (x1 - x0), 0.62 * (y1 - y0))
+    # A rim of plate colour keeps the print readable where dark rust or soot lies under it.
+    return lambda: d.text(((x0 + x1) / 2, (y0 + y1) / 2), code, font=font, fill=ink, anchor="mm",
+                          stroke_width=max(1, font.size // 14), stroke_fill=plate)
+
+
+def _warning(d: ImageDraw.ImageDraw, cx: float, cy: float, side: float) -> None:
+    h = side * 0.87
+    outer = [(cx, cy - 0.6 * h), (cx - side / 2, cy + 0.4 * h), (cx + side / 2, cy + 0.4 * h)]
+    gx, gy = cx, cy + h / 15  # the centroid, so the yellow inset keeps an even black rim
+    d.polygon(outer, fill=(20, 20, 20))
+    d.polygon([(gx + 0.78 * (x - gx), gy + 0.78 * (y - gy)) for x, y in outer], fill=(250, 205, 30))
+    w = side * 0.045
+    d.rectangle((cx - w, cy - 0.22 * h, cx + w, cy + 0.12 * h), fill=(20, 20, 20))
+    d.ellipse(_box(cx, cy + 0.24 * h, w * 1.1), fill=(20, 20, 20))
+
+
+def _sticker(d: ImageDraw.ImageDraw, cx: float, cy: float, w: float, rng: random.Random) -> None:
+    # A harmless info sticker where warnings go, so "something is stuck here" does not mean "warning".
+    h = w * 0.7
+    d.rectangle(_box(cx, cy, w / 2, h / 2), fill=(236, 240, 245), outline=(40, 80, 160))
+    d.rectangle((cx - w / 2, cy - h / 2, cx + w / 2, cy - h / 4), fill=(40, 80, 160))
+    for i in range(3):
+        y = cy - h / 10 + i * h / 6
+        d.line((cx - w * 0.4, y, cx + w * rng.uniform(0.0, 0.4), y), fill=(120, 120, 130),
+               width=max(1, round(h / 14)))
+
+
+def _lamps(panel: Image.Image, d: ImageDraw.ImageDraw, lamps: list[dict], pw: int, ph: int,
+           face: tuple[int, ...]) -> None:
+    cell = 0.76 * pw / len(lamps)
+    r = min(0.045 * min(pw, ph), 0.3 * cell)
+    y = 0.785 * ph
+    font = _fit_font("ALARM", 0.9 * cell, 0.055 * ph)  # one size for all: sized by the widest label
+    top = int(y - 3 * r)
+    glow = Image.new("RGBA", (pw, int(6 * r)), (0, 0, 0, 0))
+    gd = ImageDraw.Draw(glow)
+    for i, lamp in enumerate(lamps):
+        x, rgb = 0.12 * pw + cell * (i + 0.5), RGB[lamp["colour"]]
+        d.ellipse(_box(x, y, r * 1.35), fill=(45, 45, 50))
+        if lamp["on"]:
+            gd.ellipse(_box(x, y - top, r * 2.3), fill=(*rgb, 190))
+            d.ellipse(_box(x, y, r), fill=rgb)
+            d.ellipse(_box(x - 0.2 * r, y - 0.2 * r, 0.45 * r), fill=_mix(rgb, (255, 255, 255), 0.75))
+        else:
+            d.ellipse(_box(x, y, r), fill=_mix(rgb, (50, 50, 50), 0.8))
+            d.ellipse(_box(x - 0.35 * r, y - 0.35 * r, 0.22 * r), fill=(105, 105, 105))
+        d.text((x, y + 1.6 * r), lamp["label"], font=font, fill=(20, 20, 20), anchor="mt", stroke_width=1,
+               stroke_fill=face)
+    glow = glow.filter(ImageFilter.GaussianBlur(r * 0.7))
+    panel.paste(glow, (0, top), glow)
+
+
+def _damage(d: ImageDraw.ImageDraw, item: dict, pw: int, ph: int, rng: random.Random) -> None:
+    if item["type"] == "missing_screw":
+        return  # drawn as an empty hole by the screw pass
+    col, row = LOCATIONS.index(item["location"]) % 3, LOCATIONS.index(item["location"]) // 3
+    s = min(pw, ph) / 3
+    cx, cy = (col + 0.5 + rng.uniform(-0.1, 0.1)) * pw / 3, (row + 0.5 + rng.uniform(-0.1, 0.1)) * ph / 3
+    kind, line = item["type"], max(2, round(min(pw, ph) / 110))
+    if kind == "crack":
+        a, length = rng.uniform(0, math.pi), s * rng.uniform(0.6, 0.8)
+        pts = [(cx + (t / 7 - 0.5) * length * math.cos(a) + rng.uniform(-0.07, 0.07) * s,
+                cy + (t / 7 - 0.5) * length * math.sin(a) + rng.uniform(-0.07, 0.07) * s) for t in range(8)]
+        d.line(pts, fill=(25, 20, 18, 255), width=line, joint="curve")
+        b = a + rng.choice((-1, 1)) * rng.uniform(0.5, 0.9)
+        x, y = pts[rng.randint(2, 5)]
+        d.line([(x + t * 0.1 * s * math.cos(b), y + t * 0.1 * s * math.sin(b) + rng.uniform(-0.03, 0.03) * s)
+                for t in range(4)], fill=(25, 20, 18, 255), width=max(1, line - 1))
+    elif kind == "corrosion":
+        for _ in range(rng.randint(16, 28)):
+            x, y = cx + rng.gauss(0, 0.15 * s), cy + rng.gauss(0, 0.15 * s)
+            d.ellipse(_box(x, y, s * rng.uniform(0.03, 0.08), s * rng.uniform(0.025, 0.07)),
+                      fill=(*rng.choice(RUST), rng.randint(170, 235)))
+    elif kind == "scorch":
+        for i in range(9):  # translucent rings pile up into a soot mark darkest at its heart
+            rr = s * 0.45 * (1 - i / 10)
+            d.ellipse(_box(cx + rng.uniform(-0.05, 0.05) * s, cy + rng.uniform(-0.05, 0.05) * s,
+                           rr * rng.uniform(0.85, 1.15), rr * rng.uniform(0.75, 1.05)), fill=(30, 20, 10, 52))
+        for _ in range(6):
+            x, y = cx + rng.gauss(0, 0.12 * s), cy + rng.gauss(0, 0.12 * s)
+            d.ellipse(_box(x, y, s * rng.uniform(0.04, 0.09)), fill=(15, 10, 5, 120))
+    else:  # dent, lit from the top-left: its upper-left wall is in shadow, its lower-right wall catches light
+        rx, ry = s * rng.uniform(0.24, 0.32), s * rng.uniform(0.18, 0.26)
+        d.ellipse(_box(cx, cy, rx, ry), fill=(0, 0, 0, 120))
+        d.ellipse(_box(cx + 0.22 * rx, cy + 0.22 * ry, 0.82 * rx, 0.82 * ry), fill=(255, 255, 255, 110))
+        d.ellipse(_box(cx + 0.1 * rx, cy + 0.1 * ry, 0.55 * rx, 0.55 * ry), fill=(0, 0, 0, 35))
+        d.arc(_box(cx, cy, rx * 1.05, ry * 1.05), 300, 120, fill=(255, 255, 255, 160), width=line)
+
+
+def _draw_panel(truth: dict, pw: int, ph: int, rng: random.Random) -> Image.Image:
+    m = min(pw, ph)
+    face = _mix(rng.choice(FACES), (rng.randint(0, 255),) * 3, 0.08)
+    # Drawn on RGB with an RGBA pen so translucent marks blend; on an RGBA canvas they would punch holes.
+    panel, mask = Image.new("RGB", (pw, ph), face), Image.new("L", (pw, ph), 0)
+    ImageDraw.Draw(mask).rounded_rectangle((0, 0, pw - 1, ph - 1), radius=m / 25, fill=255)
+    d = ImageDraw.Draw(panel, "RGBA")
+    edge = max(1, round(m / 90))
+    d.rounded_rectangle((0, 0, pw - 1, ph - 1), radius=m / 25, outline=_mix(face, (0, 0, 0), 0.45),
+                        width=edge)
+    d.rounded_rectangle((2 * edge, 2 * edge, pw - 1 - 2 * edge, ph - 1 - 2 * edge), radius=m / 30,
+                        outline=_mix(face, (255, 255, 255), 0.3), width=1)
+    holes = {x["location"] for x in truth["damage"] if x["type"] == "missing_screw"}
+    r = 0.026 * m
+    for loc, (fx, fy) in SCREWS.items():
+        x, y = fx * pw, fy * ph
+        if loc in holes:
+            d.ellipse(_box(x, y, r * 1.3), fill=_mix(face, (255, 255, 255), 0.25))
+            d.ellipse(_box(x, y, r * 0.85), fill=(22, 20, 18))
+        else:
+            a = rng.uniform(0, math.pi)
+            d.ellipse(_box(x, y, r), fill=(172, 172, 178), outline=(85, 85, 90))
+            d.line((x - r * math.cos(a), y - r * math.sin(a), x + r * math.cos(a), y + r * math.sin(a)),
+                   fill=(60, 60, 65), width=max(1, round(r / 3)))
+    # What carries ground truth (code, needle, warning, lamps) is drawn after the damage: soot or rust
+    # may surround it but never make it unreadable.
+    late = [_tag(d, truth["asset_code"], pw, ph, rng)]
+    gx, gy = (0.31 + rng.uniform(-0.02, 0.02)) * pw, (0.525 + rng.uniform(-0.01, 0.01)) * ph
+    late.append(_gauge(d, truth["gauge_reading"], gx, gy, 0.19 * m))
+    wx, wy = (0.75 + rng.uniform(-0.04, 0.04)) * pw, (0.5 + rng.uniform(-0.04, 0.03)) * ph
+    if truth["warning_label"]:
+        side = 0.21 * m * rng.uniform(0.9, 1.1)
+        late.append(lambda: _warning(d, wx, wy, side))
+    elif rng.random() < 0.5:
+        _sticker(d, wx, wy, 0.2 * m, rng)
+    for item in truth["damage"]:
+        _damage(d, item, pw, ph, rng)
+    for draw in late:
+        draw()
+    _lamps(panel, d, truth["lamps"], pw, ph, face)
+    panel.putalpha(mask)
+    return panel
+
+
+def _background(size: int, rng: random.Random, nrng: np.random.Generator) -> Image.Image:
+    base = tuple(rng.randint(25, 225) for _ in range(3))
+    kind = rng.choice(("blotchy", "planks", "tiles"))
+    if kind == "blotchy":
+        low = np.clip(np.array(base) + nrng.normal(0, 28, (5, 5, 3)), 0, 255).astype(np.uint8)
+        image = Image.fromarray(low).resize((size, size), Image.Resampling.BICUBIC)
+    else:
+        image = Image.new("RGB", (size, size), base)
+    d = ImageDraw.Draw(image)
+    if kind == "planks":
+        pos, vertical, seam = 0.0, rng.random() < 0.5, _mix(base, (0, 0, 0), 0.5)
+        while pos < size:
+            w = size * rng.uniform(0.1, 0.25)
+            shade = _mix(base, (rng.choice((0, 255)),) * 3, rng.uniform(0, 0.2))
+            box = (pos, 0, pos + w, size) if vertical else (0, pos, size, pos + w)
+            d.rectangle(box, fill=shade, outline=seam)
+            pos += w
+    elif kind == "tiles":
+        step, line = size / rng.randint(3, 7), _mix(base, (rng.choice((0, 255)),) * 3, 0.4)
+        for i in range(1, 8):
+            d.line((i * step, 0, i * step, size), fill=line, width=max(1, size // 150))
+            d.line((0, i * step, size, i * step), fill=line, width=max(1, size // 150))
+    for _ in range(rng.randint(2, 6)):  # clutter; the panel is pasted over it, so it stays outside
+        colour = tuple(rng.randint(0, 255) for _ in range(3))
+        x, y, r = rng.uniform(0, size), rng.uniform(0, size), size * rng.uniform(0.04, 0.15)
+        shape = rng.choice(("rect", "ellipse", "cable", "polygon"))
+        if shape == "rect":
+            d.rectangle(_box(x, y, r, r * rng.uniform(0.4, 1.2)), fill=colour)
+        elif shape == "ellipse":
+            d.ellipse(_box(x, y, r, r * rng.uniform(0.4, 1.2)), fill=colour)
+        elif shape == "cable":
+            points = [(x, y)] + [(rng.uniform(0, size), rng.uniform(0, size)) for _ in range(2)]
+            d.line(points, fill=colour, width=max(2, round(size * rng.uniform(0.01, 0.03))), joint="curve")
+        else:
+            d.polygon([(x + rng.uniform(-r, r), y + rng.uniform(-r, r)) for _ in range(4)], fill=colour)
+    return image
+
+
+def _perspective(dst: list[tuple[float, float]], src: list[tuple[float, float]]) -> list[float]:
+    # PIL maps output pixels back to input ones, so solve for the homography dst -> src.
+    rows, rhs = [], []
+    for (x, y), (u, v) in zip(dst, src, strict=True):
+        rows += [[x, y, 1, 0, 0, 0, -u * x, -u * y], [0, 0, 0, x, y, 1, -v * x, -v * y]]
+        rhs += [u, v]
+    return np.linalg.solve(np.array(rows, dtype=np.float64), np.array(rhs, dtype=np.float64)).tolist()
+
+
+def render(truth: dict, size: int, rng: random.Random, nrng: np.random.Generator) -> tuple[Image.Image, dict]:
+    """Draw ``truth`` as seen by a handheld camera: placement, tilt, light, blur, noise."""
+    scale, aspect = rng.uniform(0.74, 0.92), rng.uniform(0.9, 1.1)
+    pw, ph = (round(scale * size), round(scale * size * aspect)) if aspect <= 1 else \
+        (round(scale * size / aspect), round(scale * size))
+    panel = _draw_panel(truth, pw, ph, rng)
+    frame = _background(size, rng, nrng)
+    rot, jitter = math.radians(rng.uniform(-7, 7)), 0.03 * size
+    rel = [((x - pw / 2) * math.cos(rot) - (y - ph / 2) * math.sin(rot) + rng.uniform(-jitter, jitter),
+            (x - pw / 2) * math.sin(rot) + (y - ph / 2) * math.cos(rot) + rng.uniform(-jitter, jitter))
+           for x, y in ((0, 0), (pw, 0), (pw, ph), (0, ph))]
+    centre = []
+    for axis in (0, 1):  # keep every corner in frame when the panel's size allows it
+        lo, hi = 1 - min(p[axis] for p in rel), size - 1 - max(p[axis] for p in rel)
+        centre.append(rng.uniform(lo, hi) if lo < hi else size / 2)
+    dst = [(centre[0] + x, centre[1] + y) for x, y in rel]
+    coeffs = _perspective(dst, [(0, 0), (pw, 0), (pw, ph), (0, ph)])
+    warped = panel.transform((size, size), Image.Transform.PERSPECTIVE, coeffs, Image.Resampling.BICUBIC)
+    shadow = Image.new("L", (size, size), 0)
+    offset = (round(0.012 * size), round(0.018 * size))
+    shadow.paste(warped.getchannel("A").point(lambda a: a * 2 // 5), offset)
+    frame.paste((0, 0, 0), mask=shadow)
+    frame.paste(warped, mask=warped)
+    blur = rng.uniform(0, 0.9) * size / 336
+    if blur > 0.2:
+        frame = frame.filter(ImageFilter.GaussianBlur(blur))
+    brightness, contrast, sigma = rng.uniform(0.7, 1.25), rng.uniform(0.75, 1.2), rng.uniform(1, 7)
+    ramp = np.linspace(-1, 1, size, dtype=np.float32)
+    gain = brightness * (1 + rng.uniform(-0.2, 0.2) * ramp[None, :] + rng.uniform(-0.2, 0.2) * ramp[:, None])
+    cast = np.array([rng.uniform(0.93, 1.07) for _ in range(3)], dtype=np.float32)
+    pixels = ((np.asarray(frame, dtype=np.float32) - 128) * contrast + 128) * gain[..., None] * cast
+    pixels += nrng.standard_normal(pixels.shape, dtype=np.float32) * sigma
+    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    camera = {"panel_scale": round(scale, 3), "rotation_deg": round(math.degrees(rot), 2),
+              "blur": round(blur, 2), "brightness": round(brightness, 3), "contrast": round(contrast, 3),
+              "noise_sigma": round(sigma, 2)}
+    return image, camera
