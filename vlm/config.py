@@ -28,7 +28,7 @@ class ModelConfig:
     image_size: int | None = None  # None: the tower's own resolution
     image_aspect: str = "pad"  # how a non-square image becomes square: pad | resize | crop
     image_token: str = "<image>"
-    chat_template: str | None = None  # None: the tokenizer's own; else a name in vlm.templates or Jinja text
+    chat_template: str | None = None  # None: the tokenizer's own; else a name in vlm.data.templates or Jinja text
     dtype: str = "float32"
     # Filled in when a model is built; recorded so a saved folder describes itself.
     image_token_id: int | None = None
@@ -61,6 +61,7 @@ class DataConfig:
     on_too_long: str = "skip"  # skip (reported) | truncate (never inside an image, never to zero loss) | error
     max_bad_fraction: float = 0.0  # training refuses to start above this share of bad records
     cache_features: bool = False  # run the frozen tower once and read its features from disk after
+    cache_dir: str | None = None  # where cached features live (None: <output_dir>/feature_cache); share it across runs
     num_workers: int = 0
 
     def __post_init__(self) -> None:

@@ -173,6 +173,10 @@ def build_vlm(config: ModelConfig, root: str | Path | None = None, load_in_4bit:
     tower = VisionTower(load_vision_encoder(tower_path, dtype=dtype), config.vision_feature_layer,
                         config.vision_feature_select)
     tokenizer = load_tokenizer(llm_path, config.image_token)
+    if config.chat_template:  # e.g. vicuna_v1: Vicuna's tokenizer carries no template of its own
+        from vlm.data.templates import resolve_chat_template
+
+        tokenizer.chat_template = resolve_chat_template(config.chat_template)
     quantization = None
     if load_in_4bit:
         # Quantize the LM's linear layers only; the tower and projector are separate modules here and

@@ -1,0 +1,39 @@
+"""``python -m vlm.data check --config CONFIG [key=value ...]``: the preflight report of a training config."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from vlm.config import load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vlm.data", description=__doc__)
+    parser.add_argument("command", choices=["check"])
+    parser.add_argument("--config", required=True, help="a training YAML (its model and data sections are used)")
+    parser.add_argument("overrides", nargs="*", help="key=value, e.g. data.path=other.json")
+    args = parser.parse_intermixed_args(argv)  # the command, --config and overrides in any order
+    from vlm.data.formats import DataError, load_records
+    from vlm.data.preflight import check_records
+    from vlm.model import build_vlm, load_pretrained
+
+    try:
+        config = load_config(args.config, args.overrides)
+        if not config.data.path:
+            raise ValueError("data.path is not set")
+        records = load_records(config.data.path, image_column=config.data.image_column)
+        # The processor decides the token counts; building the model is how it is known exactly.
+        _, processor = load_pretrained(config.init_from) if config.init_from else build_vlm(config.model)
+        report = check_records(records, processor, config.data)
+    except (DataError, FileNotFoundError, ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(report.format())
+    bad = len(report.bad_ids)
+    too_many = report.total and bad / report.total > config.data.max_bad_fraction
+    return 1 if too_many else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

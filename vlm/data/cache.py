@@ -1,0 +1,103 @@
+"""The frozen tower's features, computed once into safetensors shards and read back instead of re-running it.
+
+Features are stored by image content (sha256 of the file's bytes), under a folder named by everything
+that shapes them (tower, layer, CLS choice, image size and aspect), so a changed image or a changed
+model never reads stale features.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+SHARD_IMAGES = 256
+
+
+def content_key(image) -> str:
+    """sha256 of an image's bytes: a path's file, raw bytes, or a PIL image's pixels."""
+    if isinstance(image, (str, Path)):
+        data = Path(image).read_bytes()
+    elif isinstance(image, bytes):
+        data = image
+    else:
+        data = image.tobytes() + repr((image.mode, image.size)).encode()
+    return hashlib.sha256(data).hexdigest()
+
+
+def record_image_key(image, image_folder: str | Path) -> str:
+    """The cache key of a record's image (paths are relative to the image folder)."""
+    return content_key(Path(image_folder) / image if isinstance(image, (str, Path)) else image)
+
+
+def fingerprint(model_config, tower_config, image_processor_config: dict) -> str:
+    shape = {"tower": tower_config.to_dict(), "pixels": image_processor_config, "layer": model_config.vision_feature_layer,
+             "select": model_config.vision_feature_select, "size": model_config.image_size,
+             "aspect": model_config.image_aspect, "dtype": model_config.dtype}
+    return hashlib.sha256(json.dumps(shape, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class FeatureCache:
+    """``cache[content_key] -> [patches, width]`` tensor, read lazily from memory-mapped shards."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        index_file = self.folder / "index.json"
+        self.index: dict[str, str] = json.loads(index_file.read_text()) if index_file.is_file() else {}
+        self._handles: dict[str, object] = {}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.index
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        shard = self.index[key]
+        if shard not in self._handles:
+            self._handles[shard] = safe_open(str(self.folder / shard), framework="pt")
+        return self._handles[shard].get_tensor(key)
+
+    def add(self, features: dict[str, torch.Tensor]) -> None:
+        """Write one shard, then the index (atomically), so an interrupted build loses at most a shard."""
+        if not features:
+            return
+        shard = f"shard_{len(set(self.index.values())):05d}.safetensors"
+        save_file({k: v.contiguous() for k, v in features.items()}, self.folder / shard)
+        self.index.update(dict.fromkeys(features, shard))
+        partial = self.folder / "index.json.partial"
+        partial.write_text(json.dumps(self.index))
+        os.replace(partial, self.folder / "index.json")
+
+    @classmethod
+    def folder_for(cls, model, processor, root: str | Path) -> Path:
+        return Path(root) / fingerprint(model.config, model.vision_tower.encoder.config,
+                                        processor.image_processor.to_dict())
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, model, processor, records: list, image_folder: str | Path, root: str | Path,
+              is_main_process: bool = True, batch_size: int = 16) -> FeatureCache:
+        """Compute the features of every record image that the cache lacks (only the main process writes)."""
+        from vlm.data.formats import open_record_image
+
+        cache = cls(cls.folder_for(model, processor, root))
+        images = {record_image_key(image, image_folder): image for record in records for image in record.images}
+        missing = [key for key in images if key not in cache]
+        if missing and is_main_process:
+            cache.folder.mkdir(parents=True, exist_ok=True)
+            pending: dict[str, torch.Tensor] = {}
+            for start in tqdm(range(0, len(missing), batch_size), desc="feature cache", unit="batch"):
+                keys = missing[start:start + batch_size]
+                pictures = [open_record_image(images[k], image_folder) for k in keys]
+                pixels = processor.preprocess_images(pictures).to(model.device)
+                features = model.vision_tower(pixels).cpu()
+                pending.update(zip(keys, features, strict=True))
+                if len(pending) >= SHARD_IMAGES:
+                    cache.add(pending)
+                    pending = {}
+            cache.add(pending)
+        return cache

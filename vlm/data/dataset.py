@@ -1,0 +1,95 @@
+"""The training dataset, its collate function and a length-grouped sampler."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from vlm.config import DataConfig
+from vlm.data.cache import FeatureCache, record_image_key
+from vlm.data.formats import Record, open_record_image
+from vlm.data.templates import encode
+from vlm.processor import VLMProcessor
+
+
+class VLMDataset(Dataset):
+    """Records that passed preflight, encoded on the fly; images as pixels or as cached tower features."""
+
+    def __init__(self, records: list[Record], processor: VLMProcessor, data: DataConfig, lengths: dict[int, int],
+                 skip_ids: set[str] = frozenset(), feature_cache: FeatureCache | None = None) -> None:
+        self.records, self.processor, self.data, self.cache = records, processor, data, feature_cache
+        self.indices = [i for i in sorted(lengths) if records[i].id not in skip_ids]
+        self.lengths = [lengths[i] for i in self.indices]
+        self.image_keys = {}
+        if feature_cache is not None:
+            self.image_keys = {i: [record_image_key(image, data.image_folder) for image in records[i].images]
+                               for i in self.indices}
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int) -> dict:
+        index = self.indices[position]
+        record = self.records[index]
+        ids, labels = encode(record.messages, self.processor.tokenizer, self.data.template, self.processor.image_token,
+                             self.processor.tokens_per_image, self.data.max_length,
+                             "truncate" if self.data.on_too_long == "truncate" else "skip")
+        sample = {"id": record.id, "input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
+        if record.images and self.cache is not None:
+            sample["vision_features"] = torch.stack([self.cache[key] for key in self.image_keys[index]])
+        elif record.images:
+            pictures = [open_record_image(image, self.data.image_folder) for image in record.images]
+            sample["pixel_values"] = self.processor.preprocess_images(pictures)
+        return sample
+
+
+def collate(samples: list[dict], pad_token_id: int) -> dict:
+    """Right-pad ids (labels with -100) and stack the images of every sample, in order."""
+    width = max(len(s["input_ids"]) for s in samples)
+    input_ids = torch.full((len(samples), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(samples), width), -100, dtype=torch.long)
+    attention_mask = torch.zeros((len(samples), width), dtype=torch.long)
+    for row, sample in enumerate(samples):
+        n = len(sample["input_ids"])
+        input_ids[row, :n], labels[row, :n], attention_mask[row, :n] = sample["input_ids"], sample["labels"], 1
+    batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
+             "ids": [s["id"] for s in samples]}
+    for key in ("pixel_values", "vision_features"):
+        found = [s[key] for s in samples if key in s]
+        batch[key] = torch.cat(found) if found else None
+    return batch
+
+
+class LengthGroupedSampler(Sampler[int]):
+    """A shuffled order in which each run of ``group_size`` samples has similar lengths (less padding).
+
+    ``group_size`` is the batch of one step across all processes, so that one process with batch B and
+    two with B/2 see the same samples in each step. The order depends on (seed, epoch) only.
+    """
+
+    def __init__(self, lengths: list[int], group_size: int, seed: int = 0, group_by_length: bool = True,
+                 groups_per_window: int = 32) -> None:
+        self.lengths, self.group_size, self.seed = lengths, group_size, seed
+        self.group_by_length, self.window = group_by_length, group_size * groups_per_window
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=generator).tolist()
+        if not self.group_by_length:
+            return iter(order)
+        grouped = []
+        for start in range(0, len(order), self.window):  # sort within windows: still random across them
+            window = sorted(order[start:start + self.window], key=lambda i: -self.lengths[i])
+            groups = [window[i:i + self.group_size] for i in range(0, len(window), self.group_size)]
+            for g in torch.randperm(len(groups), generator=generator).tolist():
+                grouped += groups[g]
+        return iter(grouped)
