@@ -85,8 +85,10 @@ class VLM(nn.Module):
         """
         cached = past_key_values.get_seq_length() if past_key_values is not None else 0
         embeds = self.embed_inputs(input_ids, pixel_values, vision_features, start=cached)
+        if past_key_values is not None:  # only when continuing: newer transformers renamed the argument
+            generate_kwargs["past_key_values"] = past_key_values
         return self.language_model.generate(input_ids=input_ids, inputs_embeds=embeds, attention_mask=attention_mask,
-                                            past_key_values=past_key_values, **generate_kwargs)
+                                            **generate_kwargs)
 
     # ---- what trains ---------------------------------------------------------------------------
     @property

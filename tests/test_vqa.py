@@ -1,0 +1,398 @@
+"""`python -m eval.vqa score` on small files in each official format; `run` end to end on a tiny model."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from eval import vqa
+from eval.vqa import main
+
+
+def _write(path: Path, data) -> Path:
+    path.write_text(json.dumps(data), encoding="utf-8")
+    return path
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def _cli(capsys, *argv) -> tuple[int, dict | None, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, (json.loads(out) if out.strip() else None), err
+
+
+def _score_args(benchmark: str, predictions: Path, questions=(), annotations=(), mode=None) -> list:
+    args = ["score", "--benchmark", benchmark, "--predictions", predictions]
+    args += ["--questions", *questions] if questions else []
+    args += ["--annotations", *annotations] if annotations else []
+    return args + (["--mode", mode] if mode else [])
+
+
+def _score(capsys, *args, **kwargs) -> dict:
+    code, result, _ = _cli(capsys, *_score_args(*args, **kwargs))
+    assert code == 0
+    return result
+
+
+def _error(capsys, *argv) -> str:
+    code, result, err = _cli(capsys, *argv)
+    assert code == 2 and result is None
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("eval.vqa: error: "), err
+    return lines[0]
+
+
+# ---- score, one official format at a time ------------------------------------------------------------
+
+
+@pytest.fixture
+def vqav2_files(tmp_path):
+    questions = _write(tmp_path / "questions.json", {"data_subtype": "val2014", "questions": [
+        {"question_id": 1, "image_id": 42, "question": "Is it sunny?"},
+        {"question_id": 2, "image_id": 42, "question": "How many dogs?"},
+        {"question_id": 3, "image_id": 7, "question": "What colour?"}]})
+
+    def ann(qid, answers, kind):
+        return {"question_id": qid, "image_id": 42, "answer_type": kind, "question_type": "what",
+                "multiple_choice_answer": answers[0],
+                "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1}
+                            for i, a in enumerate(answers)]}
+
+    annotations = _write(tmp_path / "annotations.json", {"annotations": [
+        ann(1, ["yes"] * 10, "yes/no"), ann(2, ["2"] * 4 + ["3"] * 6, "number"),
+        ann(3, ["red"] * 2 + ["blue"] * 8, "other")]})
+    predictions = _write(tmp_path / "results.json", [{"question_id": 3, "answer": "red"},
+                                                     {"question_id": 1, "answer": "Yes"},
+                                                     {"question_id": 2, "answer": "two"}])
+    return questions, annotations, predictions
+
+
+def test_score_vqav2_modes_and_answer_types(capsys, vqav2_files):
+    questions, annotations, predictions = vqav2_files
+    llava = _score(capsys, "vqav2", predictions, [questions], [annotations])
+    assert llava["mode"] == "llava" and llava["n"] == 3
+    assert llava["value"] == 86.67  # "Yes" -> "yes" 1.0, "two" -> "2" 1.0, "red" 0.6
+    official = _score(capsys, "vqav2", predictions, annotations=[annotations], mode="official")
+    assert official["value"] == 53.33  # "Yes" against ten raw "yes" is 0
+    assert official["per_category"]["answer_type"] == {
+        "number": {"n": 1, "value": 100.0, "interval": [100.0, 100.0]},
+        "other": {"n": 1, "value": 60.0, "interval": [60.0, 60.0]},
+        "yes/no": {"n": 1, "value": 0.0, "interval": [0.0, 0.0]}}
+    assert official["interval"][0] <= official["value"] <= official["interval"][1]
+
+
+def test_score_llava_question_files_set_the_scope(capsys, tmp_path, vqav2_files):
+    _, annotations, predictions = vqav2_files
+    suffix = "\nAnswer the question using a single word or phrase."
+    questions = _write_jsonl(tmp_path / "llava_vqav2.jsonl", [
+        {"question_id": q, "image": "COCO_val2014_000000000042.jpg", "text": "Q?" + suffix,
+         "category": "default"} for q in (1, 2)])
+    result = _score(capsys, "vqav2", predictions, [questions], [annotations])
+    # Question 3 is outside the question file: not scored, and its prediction is reported as unknown.
+    assert result["n"] == 2 and result["value"] == 100.0 and result["unknown_ids"]["ids"] == ["3"]
+
+
+def test_score_textvqa_m4c_counts_missing(capsys, tmp_path):
+    data = _write(tmp_path / "TextVQA_0.5.1_val.json", {"data": [
+        {"question_id": 10, "question": "brand?", "image_id": "a1", "answers": ["Coca Cola"] * 10},
+        {"question_id": 11, "question": "sign?", "image_id": "a2", "answers": ["stop"] * 3 + ["go"] * 7},
+        {"question_id": 12, "question": "word?", "image_id": "a3", "answers": ["exit"] * 10}]})
+    # A raw U+2028 inside a JSON string must not split the line; EvalAI's split() then treats it as a space.
+    answers = _write_jsonl(tmp_path / "answers.jsonl", [
+        {"question_id": 10, "text": "coca\u2028cola", "model_id": "m"},
+        {"question_id": 11, "text": "STOP.", "model_id": "m"}])
+    code, result, err = _cli(capsys, *_score_args("textvqa", answers, annotations=[data]))
+    assert code == 0 and result["mode"] == "m4c" and result["model"] == "m"
+    assert result["value"] == 63.33  # (1.0 + 0.9 + 0) / 3
+    assert result["missing"] == {"count": 1, "ids": ["12"]}
+    assert "1 questions have no prediction" in err
+
+
+def test_score_vizwiz_with_empty_prediction(capsys, tmp_path):
+    def item(image, answers, kind):
+        return {"image": image, "question": "what?", "answerable": 1, "answer_type": kind,
+                "answers": [{"answer": a, "answer_confidence": "yes"} for a in answers]}
+
+    val = _write(tmp_path / "val.json", [
+        item("VizWiz_val_0.jpg", ["unanswerable"] * 10, "unanswerable"),
+        item("VizWiz_val_1.jpg", ["5 dollars"] * 3 + ["five dollars"] * 2 + ["5"] * 5, "other"),
+        item("VizWiz_val_2.jpg", ["blue"] * 10, "other")])
+    results = _write(tmp_path / "results.json", [{"image": "VizWiz_val_0.jpg", "answer": "Unanswerable"},
+                                                 {"image": "VizWiz_val_1.jpg", "answer": "five dollars"},
+                                                 {"image": "VizWiz_val_2.jpg", "answer": ""}])
+    result = _score(capsys, "vizwiz", results, annotations=[val])
+    # 1.0 (EvalAI lowercases), 1.0 ("five dollars" -> "5 dollars" matches five), 0 (empty): 66.67.
+    assert result["value"] == 66.67 and result["empty"]["count"] == 1
+    assert result["per_category"]["answer_type"]["other"]["value"] == 50.0
+
+
+def test_score_gqa_balanced_only(capsys, tmp_path):
+    questions = _write(tmp_path / "testdev_balanced_questions.json", {
+        "201": {"imageId": "n1", "question": "Is it red?", "answer": "yes", "isBalanced": True,
+                "types": {"structural": "verify", "semantic": "attr"}},
+        "202": {"imageId": "n2", "question": "Which side?", "answer": "left", "isBalanced": True,
+                "types": {"structural": "query", "semantic": "rel"}},
+        "203": {"imageId": "n3", "question": "Hm?", "answer": "no", "isBalanced": False, "types": {}}})
+    predictions = _write(tmp_path / "testdev_balanced_predictions.json",
+                         [{"questionId": "201", "prediction": "Yes."},
+                          {"questionId": "202", "prediction": "left"}])
+    llava = _score(capsys, "gqa", predictions, [questions])
+    assert llava["value"] == 100.0 and llava["n"] == 2 and llava["skipped"] == {"unbalanced": 1}
+    official = _score(capsys, "gqa", predictions, [questions], mode="official")
+    assert official["value"] == 50.0
+    assert official["per_category"]["answer_kind"]["binary"]["value"] == 0.0
+    assert official["per_category"]["structural"]["query"]["value"] == 100.0
+
+
+@pytest.fixture
+def pope_files(tmp_path):
+    # Like POPE's own files, every split numbers its questions from 1: pairing needs split and id.
+    random = _write_jsonl(tmp_path / "coco_pope_random.json", [
+        {"question_id": 1, "image": "a.jpg", "text": "Is there a dog?", "label": "yes"},
+        {"question_id": 2, "image": "a.jpg", "text": "Is there a cat?", "label": "no"}])
+    popular = _write_jsonl(tmp_path / "coco_pope_popular.json", [
+        {"question_id": 1, "image": "b.jpg", "text": "Is there a car?", "label": "yes"},
+        {"question_id": 2, "image": "b.jpg", "text": "Is there a bus?", "label": "no"}])
+    answers = [{"question_id": 2, "category": "popular", "text": "Yes, there is."},
+               {"question_id": 1, "category": "random", "text": "Yes"},
+               {"question_id": 2, "category": "random", "text": "No, there is not."},
+               {"question_id": 1, "category": "popular", "text": "There is a car."}]
+    return random, popular, answers
+
+
+def test_score_pope_pairs_by_split_and_id(capsys, tmp_path, pope_files):
+    random, popular, answers = pope_files
+    forward = _score(capsys, "pope", _write_jsonl(tmp_path / "a.jsonl", answers), [random, popular])
+    backward = _score(capsys, "pope", _write_jsonl(tmp_path / "b.jsonl", answers[::-1]), [random, popular])
+    assert forward == {**backward, "settings": forward["settings"]}
+    splits = forward["per_category"]["split"]
+    assert splits["random"]["accuracy"] == 100.0 and splits["random"]["f1"] == 100.0
+    # popular: yes/yes TP, "Yes, there is." for "no" FP -> precision 0.5, recall 1, F1 2/3 = "0.667".
+    assert (splits["popular"]["tp"], splits["popular"]["fp"]) == (1, 1)
+    assert splits["popular"]["f1"] == 66.7
+    assert forward["value"] == 83.3  # mean F1 (1 + 2/3) / 2 = 0.8333 -> "0.833"
+
+
+def test_score_pope_ambiguous_ids_are_an_error(capsys, tmp_path, pope_files):
+    random, popular, answers = pope_files
+    no_split = _write_jsonl(tmp_path / "answers.jsonl", [{k: v for k, v in a.items() if k != "category"}
+                                                         for a in answers])
+    assert "matches 2 questions" in _error(capsys, *_score_args("pope", no_split, [random, popular]))
+
+
+def _problem(split, image, answer, n=3) -> dict:
+    return {"question": "Which?", "choices": [f"c{i}" for i in range(n)], "answer": answer, "hint": "",
+            "image": image, "split": split, "subject": "natural science"}
+
+
+def test_score_scienceqa_img_subset(capsys, tmp_path):
+    problems = _write(tmp_path / "problems.json", {
+        "1": _problem("test", "image.png", 0), "2": _problem("test", "image.png", 2),
+        "3": _problem("test", "image.png", 1, n=2), "4": _problem("test", None, 0),
+        "5": _problem("train", "image.png", 0)})
+    answers = _write_jsonl(tmp_path / "answers.jsonl", [
+        {"question_id": "1", "text": "A"}, {"question_id": "2", "text": "The answer is C."},
+        {"question_id": "3", "text": "C"}, {"question_id": "4", "text": "A"}])
+    result = _score(capsys, "scienceqa", answers, annotations=[problems])
+    # Questions 1-3 have an image in the test split; "C" for a 2-choice question is wrong: 2 / 3.
+    assert result["n"] == 3 and result["value"] == 66.67
+    assert result["skipped"] == {"not_test_with_image": 2}
+    assert result["unknown_ids"] == {"count": 1, "ids": ["4"]}
+
+
+def test_score_scienceqa_from_llava_conversation_questions(capsys, tmp_path):
+    problems = _write(tmp_path / "problems.json", {pid: _problem("test", image, 1, n=2)
+                                                   for pid, image in (("7", "image.png"), ("8", "image.png"),
+                                                                      ("9", None))})
+    conversations = _write(tmp_path / "llava_test_CQM-A.json", [
+        {"id": pid, **({"image": f"{pid}/image.png"} if pid != "9" else {}), "conversations": [
+            {"from": "human",
+             "value": ("<image>\n" if pid != "9" else "") + "Context: N/A\nWhich?\nA. c0\nB. c1"},
+            {"from": "gpt", "value": "B"}]} for pid in ("7", "8", "9")])
+    answers = _write_jsonl(tmp_path / "answers.jsonl", [{"question_id": "7", "text": "B"},
+                                                      {"question_id": "8", "text": "B. c1"}])
+    result = _score(capsys, "scienceqa", answers, [conversations], [problems])
+    assert result["n"] == 2 and result["value"] == 100.0 and result["skipped"] == {"text_only": 1}
+
+
+@pytest.fixture(scope="module")
+def panels(tmp_path_factory) -> Path:
+    from vlm.synth import write_dataset
+
+    root = tmp_path_factory.mktemp("panels")
+    write_dataset(root, 2, seed=0, size=56)
+    return root
+
+
+def test_score_panels_from_questions_jsonl(capsys, tmp_path, panels):
+    questions = [json.loads(line) for line in (panels / "questions.jsonl").read_text().splitlines()]
+    # Right answers (upper-cased, as a model might write them) for all but the two gauge questions.
+    answers = _write_jsonl(tmp_path / "answers.jsonl", [
+        {"question_id": q["question_id"], "text": q["answer"].upper() + "."} for q in questions
+        if q["category"] != "gauge"])
+    result = _score(capsys, "panels", answers, [panels / "questions.jsonl"])
+    assert result["n"] == 14 and result["value"] == round(12 / 14 * 100, 2)
+    assert result["per_category"]["category"]["gauge"]["value"] == 0.0
+    assert result["missing"]["count"] == 2 and result["extra"]["asset_code_cer"]["value"] == 0.0
+    assert result["extra"]["gauge_within_5"] == {"n": 2, "value": 0.0, "interval": [0.0, 0.0]}
+
+
+# ---- bad files -----------------------------------------------------------------------------------------
+
+
+def test_bad_files_give_one_line_errors(capsys, tmp_path, vqav2_files):
+    questions, annotations, predictions = vqav2_files
+
+    def error(predictions=predictions, benchmark="vqav2", **files) -> str:
+        return _error(capsys, *_score_args(benchmark, predictions, **files))
+
+    found = error(benchmark="gqa", annotations=[annotations])
+    assert "VQAv2 annotations file; --benchmark gqa reads" in found
+    broken = tmp_path / "broken.json"
+    broken.write_text('[{"question_id": 1, "answer": "x"},\n]')  # the trailing comma LLaVA's docs show
+    assert "line 2 column 1" in error(broken, annotations=[annotations])
+    bad_line = tmp_path / "a.jsonl"
+    bad_line.write_text('{"question_id": 1, "text": "a"}\n{"question_id": 2, "text": \n')
+    assert "line 2" in error(bad_line, annotations=[annotations])
+    strangers = _write(tmp_path / "strangers.json", [{"question_id": 99, "answer": "x"}])
+    assert "none of the 1 prediction ids match" in error(strangers, annotations=[annotations])
+    no_ids = _write(tmp_path / "no_ids.json", [{"answer": "x"}])
+    assert "record 0 needs an id" in error(no_ids, annotations=[annotations])
+    assert "holds no predictions" in error(_write(tmp_path / "empty.json", []), annotations=[annotations])
+    # The mode is checked before any file is read.
+    assert "--mode m4c does not apply to gqa" in error(benchmark="gqa", mode="m4c", annotations=[tmp_path])
+    assert "invalid choice" in error(mode="nonsense", annotations=[annotations])
+    assert "have no gold answer" in error(questions=[questions])
+    assert "does not exist" in error(annotations=[tmp_path / "nope.json"])
+    two = json.loads(annotations.read_text())["annotations"][:2]
+    fewer = _write(tmp_path / "fewer.json", {"annotations": two})
+    assert "1 of 3 questions have no annotation" in error(questions=[questions], annotations=[fewer])
+
+
+def test_unknown_and_duplicate_prediction_ids_are_counted(capsys, tmp_path, vqav2_files):
+    _, annotations, _ = vqav2_files
+    predictions = _write(tmp_path / "results.json", [{"question_id": 1, "answer": "yes"},
+                                                     {"question_id": 1, "answer": "no"},
+                                                     {"question_id": 77, "answer": "x"}])
+    code, result, err = _cli(capsys, *_score_args("vqav2", predictions, annotations=[annotations]))
+    assert code == 0 and result["n"] == 3 and result["value"] == 33.33 and result["missing"]["count"] == 2
+    assert result["unknown_ids"] == {"count": 1, "ids": ["77"]}
+    assert result["duplicates"] == {"count": 1, "ids": ["1"]}
+    assert "not a question" in err and "repeat an id" in err
+
+
+# ---- run, end to end on a tiny random-weight model ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tiny_model) -> Path:
+    model, processor = tiny_model
+    out = tmp_path_factory.mktemp("tiny_vlm")
+    model.save_pretrained(out, processor)
+    return out
+
+
+@pytest.fixture
+def count_generation(monkeypatch) -> list[int]:
+    """How many questions each call of generate_answers was given."""
+    calls, real = [], vqa.generate_answers
+
+    def counted(model, processor, questions, *args, **kwargs):
+        calls.append(len(questions))
+        return real(model, processor, questions, *args, **kwargs)
+
+    monkeypatch.setattr(vqa, "generate_answers", counted)
+    return calls
+
+
+def test_run_panels_resumes_and_saves_results(capsys, tmp_path, panels, model_dir, count_generation):
+    out = tmp_path / "out"
+    args = ["run", "--model", model_dir, "--benchmark", "panels", "--questions", panels / "questions.jsonl",
+            "--out", out, "--max-new-tokens", "3", "--batch-size", "4"]
+    code, partial, _ = _cli(capsys, *args, "--limit", "5")
+    assert code == 0 and partial["n"] == 5 and partial["settings"]["limit"] == 5
+    code, result, _ = _cli(capsys, *args)
+    assert code == 0 and count_generation == [5, 9]  # the second run answered only the 9 new questions
+    answers = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
+    assert len(answers) == 14 and len({a["question_id"] for a in answers}) == 14
+    assert answers[0]["prompt"].count(vqa.SHORT_ANSWER) == 1  # the file's own suffix is not doubled
+    assert result["n"] == 14 and result["missing"]["count"] == 0
+    assert result["model"] == str(model_dir.resolve())
+    assert result["settings"]["max_new_tokens"] == 3 and result["settings"]["batch_size"] == 4
+    assert result["settings"]["prompt_suffix"] == vqa.SHORT_ANSWER
+    assert set(result["per_category"]["category"]) == {"asset_code", "lamp", "gauge", "damage", "warning",
+                                                        "severity", "action"}
+    assert json.loads((out / "metrics.json").read_text()) == result
+    assert json.loads((model_dir / "results" / "panels.json").read_text()) == result
+
+    code, again, _ = _cli(capsys, *args)  # everything answered: no model load, no generation
+    assert code == 0 and count_generation == [5, 9] and again == result
+
+    # An interrupted write leaves a cut-off last line: it is dropped and that question answered again.
+    path = out / "answers.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:-1]) + lines[-1][:20])
+    code, _, err = _cli(capsys, *args)
+    assert code == 0 and count_generation == [5, 9, 1] and "cut-off last line" in err
+    assert len(path.read_text().splitlines()) == 14
+    assert "another model or settings" in _error(capsys, *args[:-4], "--max-new-tokens", "5")
+
+
+def test_run_vqav2_without_then_with_annotations(capsys, tmp_path, panels, model_dir, vqav2_files,
+                                                 count_generation):
+    questions, annotations, _ = vqav2_files
+    images = tmp_path / "val2014"
+    images.mkdir()
+    for image_id in (42, 7):  # panel pictures under COCO's file names
+        shutil.copy(panels / "images" / "panel_0_00000.png", images / f"COCO_val2014_{image_id:012d}.jpg")
+    args = ["run", "--model", model_dir, "--benchmark", "vqav2", "--questions", questions, "--images", images,
+            "--out", tmp_path / "out", "--max-new-tokens", "2"]
+    code, result, err = _cli(capsys, *args)  # test-dev style: no gold, so answers and submission only
+    assert code == 0 and result is None and "no metrics" in err
+    assert not (tmp_path / "out" / "metrics.json").exists()
+    upload = json.loads((tmp_path / "out" / "submission.json").read_text())
+    assert sorted(u["question_id"] for u in upload) == [1, 2, 3]
+    assert all(isinstance(u["answer"], str) for u in upload)
+    code, result, _ = _cli(capsys, *args, "--annotations", annotations)
+    assert code == 0 and count_generation == [3]  # scored from the saved answers, nothing generated again
+    assert result["n"] == 3 and result["mode"] == "llava"
+    assert set(result["per_category"]["answer_type"]) == {"yes/no", "number", "other"}
+
+
+def test_run_pope_splits_with_repeating_ids(capsys, tmp_path, panels, model_dir, pope_files,
+                                            count_generation):
+    random, popular, _ = pope_files
+    for name in ("a.jpg", "b.jpg"):
+        shutil.copy(panels / "images" / "panel_0_00001.png", tmp_path / name)
+    args = ["run", "--model", model_dir, "--benchmark", "pope", "--questions", random, popular,
+            "--out", tmp_path / "out", "--max-new-tokens", "2"]
+    code, result, _ = _cli(capsys, *args)
+    assert code == 0 and result["n"] == 4 and result["metric"] == "f1"
+    assert {k: v["n"] for k, v in result["per_category"]["split"].items()} == {"random": 2, "popular": 2}
+    answers = [json.loads(line) for line in (tmp_path / "out" / "answers.jsonl").read_text().splitlines()]
+    assert sorted((a["category"], a["question_id"]) for a in answers) == [
+        ("popular", 1), ("popular", 2), ("random", 1), ("random", 2)]
+    assert _cli(capsys, *args)[1] == result and count_generation == [4]  # resumed by split and id
+
+
+def test_run_input_errors(capsys, tmp_path, panels, model_dir):
+    questions = panels / "questions.jsonl"
+    base = ["run", "--benchmark", "panels", "--questions", questions, "--out", tmp_path / "o"]
+    assert "not found" in _error(capsys, *base, "--model", tmp_path / "no_model")
+    assert "are not in" in _error(capsys, *base, "--model", model_dir, "--images", tmp_path)
+    found = _error(capsys, *base, "--model", model_dir, "--mode", "m4c")
+    assert "--mode m4c does not apply to panels" in found
+    assert "must be at least 1" in _error(capsys, *base, "--model", model_dir, "--batch-size", "0")
+    assert "required" in _error(capsys, "run", "--benchmark", "panels")
+    parsed = vqa.parse_args(["run", "--benchmark", "panels", "--questions", "q.jsonl", "--out", "o"])
+    assert parsed.model == str(vqa.REPO_ROOT / "models" / "demo")
+
+
+def test_suffix_is_not_doubled():
+    assert vqa.with_suffix("Q?\n" + vqa.SHORT_ANSWER, vqa.SHORT_ANSWER) == "Q?\n" + vqa.SHORT_ANSWER
+    assert vqa.with_suffix("Q?", vqa.PROMPT_SUFFIX["vizwiz"]) == "Q?\n" + vqa.PROMPT_SUFFIX["vizwiz"]
