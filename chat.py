@@ -6,6 +6,7 @@ Without ``--prompt`` it opens a multi-turn chat on stdin (an empty line or ``exi
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -23,6 +24,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16, float16")
     parser.add_argument("--load-4bit", action="store_true", help="load the LM in 4 bits (bitsandbytes)")
+    parser.add_argument("--report", action="store_true",
+                        help="print the image's inspection report as schema-valid JSON and exit (vlm.report)")
     return parser.parse_args(argv)
 
 
@@ -39,6 +42,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ImageError, FileNotFoundError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if args.report:
+        from vlm.report import ReportError, generate_report
+
+        try:
+            print(json.dumps(generate_report(model, processor, image, temperature=args.temperature), indent=2))
+        except ReportError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        return 0
     session = ChatSession(model, processor, image, args.max_new_tokens, args.temperature)
 
     def stream(text: str) -> None:

@@ -1,0 +1,167 @@
+"""Inspection reports that always parse: a versioned JSON Schema, and generation constrained by it.
+
+``REPORT_SCHEMA`` describes exactly what ``vlm.synth.panels.make_report`` writes: the same keys in the
+same order, the same vocabularies. ``generate_report(model, processor, image)`` runs ``model.generate``
+under an xgrammar logits processor compiled from the schema, in the layout the stage-2 data teaches
+(``json.dumps`` defaults: ``", "`` and ``": "``, keys in schema order). Every string, list and number
+in the schema is bounded, so the longest valid report has a known length; generation gets that many
+new tokens, and even a model of random weights ends with a complete, schema-valid report.
+
+``python -m vlm.report IMAGES_DIR --out OUT_DIR`` writes reports for a folder of images
+(``vlm/report/__main__.py``); ``python -m vlm.report --schema`` prints the schema.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+import xgrammar as xgr
+from PIL import Image
+
+from vlm.model import VLM
+from vlm.processor import VLMProcessor
+from vlm.synth import REPORT_PROMPTS
+from vlm.synth.panels import (
+    ACTIONS,
+    CODE_LETTERS,
+    DAMAGE_TYPES,
+    LAMP_COLOURS,
+    LAMP_LABELS,
+    LOCATIONS,
+    SEVERITIES,
+)
+
+SCHEMA_VERSION = "1.0.0"
+NOTES_MAX_CHARS = 200
+# The characters of make_report's notes and a little more. No quote, backslash or non-ASCII: every
+# character is one byte and never escaped, which keeps the longest report's length exact.
+NOTES_CHARS = "A-Za-z0-9 .,;:()/%-"
+SEPARATORS = (", ", ": ")  # json.dumps' defaults, as the stage-2 reports are written
+
+
+def _object(properties: dict) -> dict:
+    return {"type": "object", "properties": properties, "required": list(properties), "additionalProperties": False}
+
+
+REPORT_SCHEMA: dict = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "$id": f"urn:vlm:inspection-report:{SCHEMA_VERSION}",
+    "version": SCHEMA_VERSION,
+    "title": "Equipment panel inspection report",
+    **_object({
+        "asset_code": {"type": "string", "pattern": f"^[{CODE_LETTERS}]{{2}}-[0-9]{{4}}$", "maxLength": 7,
+                       "description": "the code on the asset tag: two letters (no I, O, Q), a dash, four digits"},
+        "lamps": {"type": "array", "maxItems": len(LAMP_LABELS), "description": "indicator lamps, left to right",
+                  "items": _object({"label": {"enum": list(LAMP_LABELS)},
+                                    "colour": {"enum": list(dict.fromkeys(LAMP_COLOURS.values()))},
+                                    "on": {"type": "boolean"}})},
+        "gauge_reading": {"type": "integer", "minimum": 0, "maximum": 100,
+                          "description": "the gauge needle on its 0-100 scale"},
+        "damage": {"type": "array", "maxItems": len(LOCATIONS),
+                   "description": "visible damage, at most one item per location cell; empty when none",
+                   "items": _object({"type": {"enum": list(DAMAGE_TYPES)}, "location": {"enum": list(LOCATIONS)},
+                                     "severity": {"enum": list(SEVERITIES[1:])}})},
+        "warning_label": {"type": "boolean", "description": "a yellow warning triangle is on the panel"},
+        "overall_severity": {"enum": list(SEVERITIES)},
+        "recommended_action": {"enum": list(ACTIONS.values())},
+        "notes": {"type": "string", "pattern": f"^[{NOTES_CHARS}]{{0,{NOTES_MAX_CHARS}}}$",
+                  "maxLength": NOTES_MAX_CHARS, "description": "the findings behind the severity, free text"},
+    }),
+}
+REPORT_PROMPT = REPORT_PROMPTS[0]
+
+
+class ReportError(RuntimeError):
+    """Generated text that is not a complete report of the schema, with a one-line message."""
+
+
+def longest_report(schema: dict = REPORT_SCHEMA):
+    """The shape of the longest report: every list full, every choice its longest, strings at maxLength.
+
+    Strings are filler (not matched to their patterns): only the length counts.
+    """
+    if "enum" in schema:
+        return max(schema["enum"], key=lambda value: len(json.dumps(value)))
+    kind = schema["type"]
+    if kind == "object":
+        return {key: longest_report(value) for key, value in schema["properties"].items()}
+    if kind == "array":
+        return [longest_report(schema["items"])] * schema["maxItems"]
+    if kind == "integer":
+        return max(schema["minimum"], schema["maximum"], key=lambda value: len(str(value)))
+    if kind == "string":
+        return "x" * schema["maxLength"]  # one byte a character: the patterns allow no escapes
+    return False  # boolean: "false" is the longer word
+
+
+def longest_report_chars(schema: dict = REPORT_SCHEMA) -> int:
+    """Characters in the longest report the schema allows, written as the constraint writes it."""
+    return len(json.dumps(longest_report(schema), separators=SEPARATORS))
+
+
+def _xgrammar_schema(schema: dict) -> dict:
+    # xgrammar ignores maxLength beside a pattern and warns on every compile; the patterns carry the bound.
+    if schema.get("type") == "string" and "pattern" in schema:
+        return {k: v for k, v in schema.items() if k != "maxLength"}
+    return {k: _xgrammar_schema(v) if isinstance(v, dict) else v for k, v in schema.items()}
+
+
+class ReportGenerator:
+    """Schema-constrained reports from one model: the grammar is compiled once, reports are made in batches.
+
+    ``max_new_tokens`` defaults to the longest report's length plus the stop token: every allowed token
+    writes at least one byte (xgrammar never allows special tokens inside the grammar), so a report
+    cannot run out of tokens before the grammar closes it.
+    """
+
+    def __init__(self, model: VLM, processor: VLMProcessor, max_new_tokens: int | None = None,
+                 temperature: float = 0.0, schema: dict = REPORT_SCHEMA) -> None:
+        self.model, self.processor, self.temperature = model, processor, temperature
+        self.max_new_tokens = max_new_tokens or longest_report_chars(schema) + 1
+        eos = model.language_model.generation_config.eos_token_id
+        self.stop_ids = [eos] if isinstance(eos, int) else list(eos or [processor.tokenizer.eos_token_id])
+        vocab_size = model.language_model.get_output_embeddings().weight.shape[0]
+        info = xgr.TokenizerInfo.from_huggingface(processor.tokenizer, vocab_size=vocab_size,
+                                                  stop_token_ids=self.stop_ids)
+        # xgrammar 0.2.8's compile cache crashes on bounded repeats over 128 (the notes pattern); one
+        # grammar per generator is reused anyway, so the cache would save nothing.
+        self.grammar = xgr.GrammarCompiler(info, cache_enabled=False).compile_json_schema(
+            json.dumps(_xgrammar_schema(schema)), any_whitespace=False, separators=SEPARATORS)
+        self.prompt = processor.apply_chat_template(
+            [{"role": "user", "content": f"{processor.image_token}\n{REPORT_PROMPT}"}], add_generation_prompt=True)
+
+    def generate_texts(self, images: Sequence[Image.Image]) -> list[str]:
+        """The constrained report text of each image (one ``generate`` call for the batch)."""
+        inputs = self.processor(images=list(images), text=[self.prompt] * len(images), return_tensors="pt")
+        inputs = {k: v.to(self.model.device) for k, v in inputs.items()}
+        sampling = {"do_sample": True, "temperature": self.temperature} if self.temperature > 0 else {"do_sample": False}
+        output = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens,
+                                     logits_processor=[xgr.contrib.hf.LogitsProcessor(self.grammar)],
+                                     pad_token_id=self.processor.tokenizer.pad_token_id, **sampling)
+        texts = []
+        for row in output[:, inputs["input_ids"].shape[1]:].tolist():
+            # Everything before the first stop token; the grammar allows nothing special before it.
+            end = next((i for i, token in enumerate(row) if token in self.stop_ids), len(row))
+            texts.append(self.processor.tokenizer.decode(row[:end], skip_special_tokens=False,
+                                                         clean_up_tokenization_spaces=False))
+        return texts
+
+    def parse(self, text: str) -> dict:
+        """The report in ``text``, checked by xgrammar's matcher against the compiled schema."""
+        matcher = xgr.GrammarMatcher(self.grammar, terminate_without_stop_token=True)
+        if not matcher.accept_string(text):
+            raise ReportError(f"text is not a report of schema {SCHEMA_VERSION}: {text[:80]!r}")
+        if not matcher.is_completed():
+            raise ReportError(f"the report is incomplete after {len(text)} characters (max_new_tokens="
+                              f"{self.max_new_tokens} is below the schema's bound)")
+        return json.loads(text)
+
+    def __call__(self, images: Sequence[Image.Image]) -> list[dict]:
+        return [self.parse(text) for text in self.generate_texts(images)]
+
+
+def generate_report(model: VLM, processor: VLMProcessor, image: Image.Image, max_new_tokens: int | None = None,
+                    temperature: float = 0.0) -> dict:
+    """The inspection report of one image, valid against ``REPORT_SCHEMA`` whatever the model's weights."""
+    return ReportGenerator(model, processor, max_new_tokens, temperature)([image])[0]
