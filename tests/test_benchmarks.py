@@ -1,0 +1,56 @@
+"""benchmarks/run.py --quick: every row measured (or skipped with a reason) and written to JSON; no timing asserts."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ROWS = {
+    "first-turn time to first token": "<= 1.0",
+    "decode tokens/s": ">= 1.0",
+    "decode vs memory-bandwidth floor": ">= 0.6",
+    "second-turn time to first token": "<= 0.1",
+    "4x token cut: LLM prefill": "<= 0.35",
+    "4x token cut: first-turn time to first token": None,
+    "4x token cut: second-turn time to first token": "<= 0.1",
+    "batched evaluation": ">= 3.0",
+    "stage 1 (align) training": ">= 1.5",
+    "stage 2 (instruct) training": None,
+    "bf16 first-turn time to first token": "<= 1.0",
+    "bf16 decode tokens/s": ">= 1.0",
+}
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), *args], capture_output=True,
+                          text=True, timeout=300, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+
+
+def test_quick_suite_writes_every_row(tmp_path):
+    out = tmp_path / "results.json"
+    # --bf16 on: the bf16 path runs even where the probe would skip it (tiny parts make it cheap anywhere).
+    result = _run("--quick", "--threads", "1", "--bf16", "on", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    rows = {row["name"]: row for row in report["rows"]}
+    assert list(rows) == list(ROWS)
+    for name, target in ROWS.items():
+        row = rows[name]
+        assert row["target"] == target and "skipped" not in row, name
+        ours, theirs, ratio = row["project_value"], row["baseline_value"], row["ratio"]
+        assert ours["median"] > 0 and theirs["median"] > 0 and math.isfinite(ratio["median"]), name
+        # one repeat: the ratio is the ratio of the two values
+        assert math.isclose(ratio["median"], ours["median"] / theirs["median"], rel_tol=1e-9), name
+        assert row["passed"] is None if target is None else isinstance(row["passed"], bool), name
+        assert name in result.stdout  # the printed table has the row too
+    facts = report["facts"]
+    assert facts["greedy_tokens_identical"] is True  # same weights through the export: same greedy tokens
+    assert facts["attention"]["project_lm"] == "sdpa" and facts["read_bandwidth_gb_s"]["median"] > 0
+    assert "bytes READ per second" in report["bandwidth_convention"]
+    assert out.with_suffix(".png").stat().st_size > 0
+
+    bad = _run("--quick", "--repeats", "0", "--out", str(tmp_path / "bad.json"))
+    last = bad.stderr.strip().splitlines()[-1]  # earlier lines, if any, are library import notices
+    assert bad.returncode == 2 and last.startswith("error: ") and "--repeats" in last and "Traceback" not in bad.stderr
