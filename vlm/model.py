@@ -16,6 +16,13 @@ from vlm.processor import VLMProcessor, load_image_processor, load_tokenizer
 from vlm.projector import build_projector, projected_tokens
 from vlm.vision import VisionTower, load_vision_encoder
 
+try:  # transformers renamed generate's past_key_values to cache (5.24 warns on the old name)
+    from transformers.generation.utils import ALL_CACHE_NAMES
+
+    _CACHE_ARGUMENT = "cache" if "cache" in ALL_CACHE_NAMES else "past_key_values"
+except ImportError:
+    _CACHE_ARGUMENT = "past_key_values"
+
 PROJECTOR_FILE = "projector.safetensors"
 ADAPTER_DIR = "adapter"
 
@@ -88,8 +95,8 @@ class VLM(nn.Module):
         """
         cached = past_key_values.get_seq_length() if past_key_values is not None else 0
         embeds = self.embed_inputs(input_ids, pixel_values, vision_features, start=cached)
-        if past_key_values is not None:  # only when continuing: newer transformers renamed the argument
-            generate_kwargs["past_key_values"] = past_key_values
+        if past_key_values is not None:  # only when continuing
+            generate_kwargs[_CACHE_ARGUMENT] = past_key_values
         return self.language_model.generate(input_ids=input_ids, inputs_embeds=embeds, attention_mask=attention_mask,
                                             **generate_kwargs)
 

@@ -61,7 +61,8 @@ class ChatSession:
             pixel_values=None if pixel_values is None else pixel_values.to(device),
             past_key_values=cache, max_new_tokens=self.max_new_tokens, streamer=streamer,
             return_dict_in_generate=True, pad_token_id=self.processor.tokenizer.pad_token_id, **sampling)
-        self.token_ids, self.cache = output.sequences.cpu(), output.past_key_values
+        self.token_ids = output.sequences.cpu()
+        self.cache = output["cache"] if "cache" in output else output.past_key_values  # renamed in transformers 5.24
         new_tokens = output.sequences[0, token_ids.shape[1]:].tolist()
         if new_tokens and new_tokens[-1] == self.processor.tokenizer.eos_token_id:
             new_tokens = new_tokens[:-1]  # the template writes the end of turn itself

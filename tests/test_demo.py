@@ -1,0 +1,210 @@
+"""The demo recipe's parts: both contrastive losses on hand-checked cases, the caption-field targets,
+the scorer's rules, the corpus tokenizer, and a tiny tower and LM saved and loaded the way the VLM loads them."""
+
+import json
+import math
+import random
+
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoModelForCausalLM
+
+from vlm.demo.contrastive import (
+    FIELDS,
+    Contrastive,
+    TowerSpec,
+    build_clip,
+    caption_of,
+    clip_loss,
+    evaluate_fields,
+    field_accuracy,
+    field_targets,
+    image_processor,
+    perturbations,
+    save_tower,
+    siglip_loss,
+    train_tower,
+    zero_shot,
+)
+from vlm.demo.lm import corpus_texts, pack, pretrain_lm, train_tokenizer
+from vlm.demo.recipe import folder_megabytes, save_fp16, stage2_records
+from vlm.demo.score import judge
+from vlm.model import load_pretrained
+from vlm.processor import load_image_processor
+from vlm.synth import write_dataset
+from vlm.synth.panels import generate_panel, make_report
+from vlm.vision import VisionTower, load_vision_encoder
+
+SPEC = TowerSpec(image_size=64, patch_size=16, width=64, layers=1, text_width=64, text_layers=1, embed_dim=16)
+
+
+def test_clip_loss_by_hand():
+    # Unit embeddings e1, e2 and scale 1: logits [[1, 0], [0, 1]]; each row's CE is log(1 + e^-1).
+    eye = torch.eye(2)
+    assert clip_loss(eye, eye, torch.tensor(0.0)).item() == pytest.approx(math.log(1 + math.exp(-1)), abs=1e-6)
+    # Mismatched pairs cost more than matched ones; a large scale makes the matched loss vanish.
+    swapped = eye.flip(0)
+    assert clip_loss(eye, swapped, torch.tensor(0.0)) > clip_loss(eye, eye, torch.tensor(0.0))
+    assert clip_loss(eye, eye, torch.tensor(math.log(100.0))).item() < 1e-6
+
+
+def test_siglip_loss_by_hand():
+    # Logits [[1, 0], [0, 1]] + b with b = 0: two positives at -log sigmoid(1), two negatives at -log sigmoid(0).
+    eye = torch.eye(2)
+    expected = (2 * math.log(1 + math.exp(-1)) + 2 * math.log(2)) / 2
+    assert siglip_loss(eye, eye, torch.tensor(0.0), torch.tensor(0.0)).item() == pytest.approx(expected, abs=1e-6)
+    # The bias moves every logit: b = -1 leaves the positives at 0 and pushes negatives to -1.
+    expected_b = (2 * math.log(2) + 2 * math.log(1 + math.exp(-1))) / 2
+    assert siglip_loss(eye, eye, torch.tensor(0.0), torch.tensor(-1.0)).item() == pytest.approx(expected_b, abs=1e-6)
+
+
+def test_losses_do_not_depend_on_batch_order():
+    torch.manual_seed(0)
+    images, texts, order = torch.randn(5, 8), torch.randn(5, 8), torch.randperm(5)
+    scale, bias = torch.tensor(1.3), torch.tensor(-2.0)
+    assert clip_loss(images[order], texts[order], scale).item() == pytest.approx(clip_loss(images, texts, scale).item())
+    assert siglip_loss(images[order], texts[order], scale, bias).item() == \
+        pytest.approx(siglip_loss(images, texts, scale, bias).item())
+
+
+def test_field_targets_and_accuracy():
+    _, truth = generate_panel(5, 3, 128)
+    report = make_report(truth)
+    targets = torch.tensor([field_targets(report)])
+    assert targets.shape == (1, len(FIELDS))
+    assert int(targets[0, 12]) == report["gauge_reading"]  # 6 code characters, then 6 lamp labels, then the gauge
+    perfect = [torch.nn.functional.one_hot(targets[:, i], n).float() for i, (_, n) in enumerate(FIELDS)]
+    assert all(v == 1.0 for v in field_accuracy(perfect, targets).values())
+    off_by_one = [p.roll(1, dims=-1) for p in perfect]
+    result = field_accuracy(off_by_one, targets)
+    assert result["gauge"] == 1.0 and result["code_exact"] == 0.0 and result["warning"] == 0.0
+
+
+def test_perturbations_change_one_fact():
+    _, truth = generate_panel(5, 4, 128)
+    report = make_report(truth)
+    for fact, wrong in perturbations(report, random.Random(0)).items():
+        assert caption_of(wrong) != caption_of(report), fact
+        changed = [k for k in report if report[k] != wrong[k]]
+        assert len(changed) == 1, (fact, changed)
+
+
+@pytest.mark.parametrize(("category", "gold", "predicted", "expected"), [
+    ("gauge", "42", "46", {"gauge_within_5": True, "gauge_exact": False}),
+    ("gauge", "42", "48", {"gauge_within_5": False, "gauge_exact": False}),
+    ("gauge", "42", "no idea", {"gauge_within_5": False, "gauge_exact": False}),
+    ("damage", "none", "none", {"damage_present": True}),
+    ("damage", "crack", "dent", {"damage_present": True, "damage_type": False}),
+    ("damage", "crack", "none", {"damage_present": False, "damage_type": False}),
+    ("asset_code", "KX-4821", " KX-4821.", {"asset_code": True}),
+    ("asset_code", "KX-4821", "KX-4827", {"asset_code": False}),
+    ("action", "schedule repair", "Schedule repair", {"action": True}),
+])
+def test_judge(category, gold, predicted, expected):
+    assert judge(category, gold, predicted) == expected
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    write_dataset(root / "data", 24, 11, 64 * 2)
+    tokenizer = train_tokenizer(corpus_texts(root / "data"), root / "lm", 400)
+    return root, tokenizer
+
+
+def test_tokenizer_splits_digits_and_has_a_chat_template(corpus):
+    _, tokenizer = corpus
+    assert [t for t in tokenizer.tokenize("KX-4821") if t.isdigit()] == ["4", "8", "2", "1"]
+    assert tokenizer.eos_token == "<|im_end|>"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                         add_generation_prompt=True)
+    assert text.endswith("<|im_start|>assistant\n")
+    assert tokenizer.decode(tokenizer("gauge at 73")["input_ids"]) == "gauge at 73"
+
+
+def test_pack_cuts_rows_across_documents():
+    rows = pack([[1, 2, 3], [4, 5], [6, 7, 8, 9]], 4)
+    assert rows.tolist() == [[1, 2, 3, 4], [5, 6, 7, 8]]
+
+
+def test_tiny_lm_pretrains_and_loads(corpus):
+    root, tokenizer = corpus
+    result = pretrain_lm(corpus_texts(root / "data", tokenizer), tokenizer, root / "lm", steps=12, batch_size=4,
+                         seq_len=64, hidden_size=64, layers=1)
+    losses = [h["loss"] for h in result["history"]]
+    assert sum(losses[-3:]) / 3 < losses[0]  # it learns something of the corpus
+    model = AutoModelForCausalLM.from_pretrained(root / "lm")
+    assert model.config.model_type == "qwen2" and model.config.eos_token_id == tokenizer.eos_token_id
+
+
+def test_tiny_tower_trains_saves_and_loads_as_a_vision_tower(corpus, tmp_path):
+    root, tokenizer = corpus
+    images, reports = zip(*[(image, make_report(truth)) for image, truth in
+                            (generate_panel(11, i, SPEC.image_size) for i in range(16))], strict=True)
+    pixels = image_processor(SPEC)(list(images), return_tensors="pt")["pixel_values"]
+    targets = torch.tensor([field_targets(r) for r in reports])
+    captions = [caption_of(r) for r in reports]
+    for loss in ("clip", "siglip"):
+        model, history = train_tower(pixels, captions, targets, tokenizer, SPEC, loss=loss, steps=3, batch_size=8)
+        assert len(history) == 3 and all(math.isfinite(h["contrastive"]) for h in history)
+    scores = zero_shot(model.clip, tokenizer, pixels, list(reports))
+    assert set(scores) == {"retrieval", "asset_code", "lamp", "gauge", "damage"}
+    assert all(0.0 <= v <= 1.0 for v in scores.values())
+    assert set(evaluate_fields(model, pixels, targets)) >= {"code_exact", "gauge", "lamp"}
+    save_tower(model, SPEC, tmp_path / "tower")
+    tower = VisionTower(load_vision_encoder(str(tmp_path / "tower")), feature_layer=-1)
+    processor = load_image_processor(str(tmp_path / "tower"))
+    features = tower(processor(list(images[:2]), return_tensors="pt")["pixel_values"])
+    assert features.shape == (2, (SPEC.image_size // SPEC.patch_size) ** 2, SPEC.width)
+
+
+def test_save_fp16_halves_the_files_and_loads_as_fp32(tiny_model, tmp_path):
+    model, processor = tiny_model
+    model.save_pretrained(tmp_path / "fp32", processor)
+    copy, _ = load_pretrained(tmp_path / "fp32")
+    save_fp16(copy, processor, tmp_path / "fp16")
+    loaded, loaded_processor = load_pretrained(tmp_path / "fp16")
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    assert folder_megabytes(tmp_path / "fp16") < 0.75 * folder_megabytes(tmp_path / "fp32")
+    prompt = loaded_processor.apply_chat_template([{"role": "user", "content": "<image>\nhi"}])
+    inputs = loaded_processor(images=[Image.new("RGB", (60, 50), (200, 30, 30))], text=[prompt], return_tensors="pt")
+    with torch.no_grad():
+        assert torch.allclose(loaded(**inputs).logits, model(**inputs).logits, atol=2e-2)
+
+
+def test_stage2_mixture_keeps_short_records(tmp_path):
+    write_dataset(tmp_path, 6, 3, 128)
+    kept = json.loads(stage2_records(tmp_path, 0.0, 0).read_text())
+    assert sorted({r["id"].rsplit("_", 1)[1] for r in kept}) == ["chat", "qa"] and len(kept) == 12
+    assert len(json.loads(stage2_records(tmp_path, 1.0, 0).read_text())) == 24
+
+
+def test_tower_starts_as_its_patch_embedding_and_heads_cover_every_field():
+    model = build_clip(SPEC, 32, 5, 3)
+    layer = model.vision_model.encoder.layers[0]
+    assert layer.self_attn.out_proj.weight.abs().sum() == 0 and layer.mlp.fc2.weight.abs().sum() == 0
+    tokens = torch.randn(3, (SPEC.image_size // SPEC.patch_size) ** 2, SPEC.width)
+    for heads in ("grid", "attention", "both"):
+        logits = Contrastive(model, "clip", heads).heads(tokens)
+        assert [x.shape for x in logits] == [(3, classes) for _, classes in FIELDS]
+
+
+def test_quick_recipe_end_to_end(tmp_path, capsys):
+    from vlm.demo.__main__ import main
+
+    assert main(["build", "--quick", "--out", str(tmp_path / "model"), "--work", str(tmp_path / "work"),
+                 "--example", str(tmp_path / "panel.jpg"), "--threads", str(torch.get_num_threads())]) == 0
+    record = json.loads((tmp_path / "work" / "recipe.json").read_text())
+    assert {"data", "tokenizer", "tower_loss_choice", "tower", "stage1_align", "stage2_instruct",
+            "merge_and_save", "eval_after_stage2"} <= set(record["steps"])
+    metrics = record["metrics"]
+    assert metrics["tower_loss_choice"]["chosen"] in ("clip", "siglip")
+    for stage in ("before_stage1", "after_stage1", "after_stage2"):
+        assert {"lamp", "asset_code", "action", "gauge_within_5", "damage_present"} <= set(metrics[stage])
+    for png in ("loss_lm.png", "loss_tower.png", "align/loss.png", "instruct/loss.png"):
+        assert (tmp_path / "work" / png).is_file(), png
+    model, processor = load_pretrained(tmp_path / "model")
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert Image.open(tmp_path / "panel.jpg").format == "JPEG"
+    assert metrics["example"]["truth"] and isinstance(metrics["example"]["answer"], str)

@@ -1,0 +1,71 @@
+"""Per-category accuracy of a VLM on a synth folder's ``questions.jsonl`` (greedy short answers).
+
+The categories the demo is held to: lamp state, damage present/absent (any damage question, judged
+on "none" vs a type), damage type (the damage questions whose answer is a type, exact), asset code
+(exact), recommended action (exact), gauge (within +/-5); warning and severity are reported too.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+
+def normalize(text: str) -> str:
+    return " ".join(text.strip().strip(".").lower().split())
+
+
+def judge(category: str, gold: str, predicted: str) -> dict[str, bool]:
+    """The demo categories a single answer counts toward, and whether it is right in each."""
+    gold_n, pred_n = normalize(gold), normalize(predicted)
+    if category == "gauge":
+        number = re.search(r"-?\d+", pred_n)
+        return {"gauge_within_5": number is not None and abs(int(number.group()) - int(gold_n)) <= 5,
+                "gauge_exact": pred_n == gold_n}
+    if category == "damage":
+        out = {"damage_present": (pred_n == "none") == (gold_n == "none")}
+        if gold_n != "none":
+            out["damage_type"] = pred_n == gold_n
+        return out
+    if category == "asset_code":
+        return {"asset_code": predicted.strip().strip(".").upper() == gold.upper()}
+    return {category: pred_n == gold_n}
+
+
+@torch.no_grad()
+def answer_questions(model, processor, questions: list[dict], image_folder: Path, batch_size: int = 50,
+                     max_new_tokens: int = 12, desc: str = "eval") -> list[str]:
+    answers = []
+    for start in tqdm(range(0, len(questions), batch_size), desc=desc, unit="batch"):
+        batch = questions[start:start + batch_size]
+        prompts = [processor.apply_chat_template([{"role": "user", "content": "<image>\n" + q["text"]}])
+                   for q in batch]
+        inputs = processor(images=[image_folder / q["image"] for q in batch], text=prompts, return_tensors="pt")
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=processor.tokenizer.pad_token_id)
+        answers += processor.batch_decode(out[:, inputs["input_ids"].shape[1]:])
+    return answers
+
+
+def score(model, processor, data_dir: str | Path, limit: int | None = None, desc: str = "eval",
+          answers_file: str | Path | None = None) -> dict[str, float]:
+    """Accuracy per category (fractions), plus ``n_<category>`` counts; answers optionally written as JSONL."""
+    data_dir = Path(data_dir)
+    questions = [json.loads(line) for line in (data_dir / "questions.jsonl").read_text().splitlines() if line]
+    questions = questions[:limit] if limit else questions
+    model.eval()
+    answers = answer_questions(model, processor, questions, data_dir, desc=desc)
+    hits: dict[str, list[bool]] = {}
+    for question, answer in zip(questions, answers, strict=True):
+        for category, right in judge(question["category"], question["answer"], answer).items():
+            hits.setdefault(category, []).append(right)
+    if answers_file is not None:
+        Path(answers_file).write_text("".join(json.dumps({**q, "predicted": a}) + "\n"
+                                              for q, a in zip(questions, answers, strict=True)))
+    result = {category: sum(h) / len(h) for category, h in sorted(hits.items())}
+    result.update({f"n_{category}": len(h) for category, h in sorted(hits.items())})
+    return result
