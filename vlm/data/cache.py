@@ -79,13 +79,15 @@ class FeatureCache:
 
     @classmethod
     @torch.no_grad()
-    def build(cls, model, processor, records: list, image_folder: str | Path, root: str | Path,
+    def build(cls, model, processor, images: dict[str, object], image_folder: str | Path, root: str | Path,
               is_main_process: bool = True, batch_size: int = 16) -> FeatureCache:
-        """Compute the features of every record image that the cache lacks (only the main process writes)."""
+        """Compute the features of every image (``key -> record image``) that the cache lacks.
+
+        Only the main process computes and writes; the others wait and then open the cache.
+        """
         from vlm.data.formats import open_record_image
 
         cache = cls(cls.folder_for(model, processor, root))
-        images = {record_image_key(image, image_folder): image for record in records for image in record.images}
         missing = [key for key in images if key not in cache]
         if missing and is_main_process:
             cache.folder.mkdir(parents=True, exist_ok=True)

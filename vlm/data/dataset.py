@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from vlm.config import DataConfig
-from vlm.data.cache import FeatureCache, record_image_key
+from vlm.data.cache import FeatureCache
 from vlm.data.formats import Record, open_record_image
 from vlm.data.templates import encode
 from vlm.processor import VLMProcessor
@@ -18,14 +18,13 @@ class VLMDataset(Dataset):
     """Records that passed preflight, encoded on the fly; images as pixels or as cached tower features."""
 
     def __init__(self, records: list[Record], processor: VLMProcessor, data: DataConfig, lengths: dict[int, int],
-                 skip_ids: set[str] = frozenset(), feature_cache: FeatureCache | None = None) -> None:
+                 skip_ids: set[str] = frozenset(), feature_cache: FeatureCache | None = None,
+                 image_keys: dict[int, list[str]] | None = None) -> None:
+        """``image_keys``: record index -> the cache keys of its images (needed with a ``feature_cache``)."""
         self.records, self.processor, self.data, self.cache = records, processor, data, feature_cache
         self.indices = [i for i in sorted(lengths) if records[i].id not in skip_ids]
         self.lengths = [lengths[i] for i in self.indices]
-        self.image_keys = {}
-        if feature_cache is not None:
-            self.image_keys = {i: [record_image_key(image, data.image_folder) for image in records[i].images]
-                               for i in self.indices}
+        self.image_keys = image_keys or {}
 
     def __len__(self) -> int:
         return len(self.indices)

@@ -14,17 +14,16 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.utils import set_seed
-from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from vlm.config import Config
-from vlm.data.cache import FeatureCache
+from vlm.data.cache import FeatureCache, record_image_key
 from vlm.data.dataset import LengthGroupedSampler, VLMDataset, collate
 from vlm.data.formats import load_records
 from vlm.data.preflight import SKIPPED_FILE, check_records, enforce
-from vlm.model import ADAPTER_DIR, PROJECTOR_FILE, VLM, build_vlm, load_pretrained
+from vlm.model import ADAPTER_DIR, VLM, build_vlm, load_pretrained
 from vlm.processor import VLMProcessor
 from vlm.train.stages import configure_stage, parameter_groups, trainable_state_dict, trainable_table
 
@@ -167,14 +166,18 @@ def _dataset(config: Config, model: VLM, processor: VLMProcessor, accelerator: A
     if skip_ids:
         accelerator.print(f"skipping {len(skip_ids)} of {len(records)} records "
                           f"(ids in {Path(config.output_dir) / SKIPPED_FILE})")
-    cache = None
+    cache, image_keys = None, {}
     if data.cache_features:
-        good = [records[i] for i in report.lengths if records[i].id not in skip_ids]
+        # Each image file is hashed once, here: the cache is built and read by these keys.
+        image_keys = {i: [record_image_key(image, data.image_folder) for image in records[i].images]
+                      for i in report.lengths if records[i].id not in skip_ids}
+        images = {key: image for i, keys in image_keys.items() for key, image in zip(keys, records[i].images, strict=True)}
         root = data.cache_dir or Path(config.output_dir) / "feature_cache"
-        FeatureCache.build(model, processor, good, data.image_folder, root, accelerator.is_main_process)
+        FeatureCache.build(model, processor, images, data.image_folder, root, accelerator.is_main_process)
         accelerator.wait_for_everyone()
         cache = FeatureCache(FeatureCache.folder_for(model, processor, root))  # every process reads the index
-    return VLMDataset(records, processor, data, report.lengths, skip_ids=skip_ids, feature_cache=cache)
+    return VLMDataset(records, processor, data, report.lengths, skip_ids=skip_ids, feature_cache=cache,
+                      image_keys=image_keys)
 
 
 def _keep_trainable_only(models, weights, output_dir) -> None:
@@ -241,7 +244,6 @@ def _save_final(accelerator: Accelerator, model, processor: VLMProcessor, config
             vlm.save_pretrained(out, processor, full=False)
             if config.stage == "instruct":
                 vlm.language_model.save_pretrained(out / ADAPTER_DIR, save_embedding_layers=False)
-        save_file({k: v.contiguous() for k, v in vlm.projector.state_dict().items()}, out / PROJECTOR_FILE)
         (Path(config.output_dir) / "history.json").write_text(json.dumps(history))
         _plot_loss(history, Path(config.output_dir) / "loss.png")
         accelerator.print(f"saved {out}")
