@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -198,3 +199,25 @@ def test_cli_writes_dataset(tmp_path):
     assert main(["--out", str(tmp_path / "out"), "--n", "2", "--seed", "3", "--size", "128"]) == 0
     assert {"meta.jsonl", "captions.json", "instruct.json", "questions.jsonl", "images/panel_3_00001.png"} <= set(
         _files(tmp_path / "out"))
+
+
+def test_layout_points_at_what_is_drawn():
+    """The recorded layout lands on the drawn facts: lit lamps show their colour, code characters have ink."""
+    checked = 0
+    for index in range(12):
+        image, truth = generate_panel(7, index, 336)
+        pixels = np.asarray(image, dtype=np.float32)
+        layout = truth["camera"]["layout"]
+        assert all(0 <= v < 336 for points in layout.values() for point in points for v in point)
+        xs = [x for x, _ in layout["code"]]
+        assert xs == sorted(xs) and len(xs) == len(truth["asset_code"])
+        for (x, y), char in zip(layout["code"], truth["asset_code"], strict=True):
+            if char != "-":
+                patch = pixels[int(y) - 10:int(y) + 11, int(x) - 9:int(x) + 10].mean(-1)  # wide enough for a U
+                assert patch.max() - patch.min() > 60, (index, char)  # ink against the plate
+        for (x, y), lamp in zip(layout["lamps"], truth["lamps"], strict=True):
+            if lamp["on"] and lamp["colour"] in ("green", "blue"):
+                r, g, b = pixels[int(y) - 2:int(y) + 3, int(x) - 2:int(x) + 3].reshape(-1, 3).mean(0)
+                assert (g if lamp["colour"] == "green" else b) > r + 40, (index, lamp)
+                checked += 1
+    assert checked >= 5

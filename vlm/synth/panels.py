@@ -206,7 +206,8 @@ def _gauge(d: ImageDraw.ImageDraw, value: int, cx: float, cy: float, r: float) -
     return needle
 
 
-def _tag(d: ImageDraw.ImageDraw, code: str, pw: int, ph: int, rng: random.Random) -> Callable[[], None]:
+def _tag(d: ImageDraw.ImageDraw, code: str, pw: int, ph: int,
+         rng: random.Random) -> tuple[Callable[[], None], list[tuple[float, float]]]:
     x0, y0, x1, y1 = 0.16 * pw, 0.065 * ph, 0.84 * pw, 0.275 * ph
     plate, ink = rng.choice((((238, 238, 232), (20, 20, 25)), ((242, 226, 150), (25, 20, 15)),
                              ((212, 216, 222), (15, 25, 60)), ((40, 42, 48), (240, 240, 235))))
@@ -215,9 +216,12 @@ def _tag(d: ImageDraw.ImageDraw, code: str, pw: int, ph: int, rng: random.Random
     for x in (x0 + 0.035 * pw, x1 - 0.035 * pw):
         d.ellipse(_box(x, (y0 + y1) / 2, 0.012 * pw), fill=(150, 150, 155), outline=(80, 80, 80))
     font = _fit_font(code, 0.8 * (x1 - x0), 0.62 * (y1 - y0))
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    left = cx - font.getlength(code) / 2  # anchor "m" centres the advance width
+    centres = [(left + (font.getlength(code[:i]) + font.getlength(code[:i + 1])) / 2, cy) for i in range(len(code))]
     # A rim of plate colour keeps the print readable where dark rust or soot lies under it.
-    return lambda: d.text(((x0 + x1) / 2, (y0 + y1) / 2), code, font=font, fill=ink, anchor="mm",
-                          stroke_width=max(1, font.size // 14), stroke_fill=plate)
+    return (lambda: d.text((cx, cy), code, font=font, fill=ink, anchor="mm", stroke_width=max(1, font.size // 14),
+                           stroke_fill=plate)), centres
 
 
 def _warning(d: ImageDraw.ImageDraw, cx: float, cy: float, side: float) -> None:
@@ -304,7 +308,8 @@ def _damage(d: ImageDraw.ImageDraw, item: dict, pw: int, ph: int, rng: random.Ra
         d.arc(_box(cx, cy, rx * 1.05, ry * 1.05), 300, 120, fill=(255, 255, 255, 160), width=line)
 
 
-def _draw_panel(truth: dict, pw: int, ph: int, rng: random.Random) -> Image.Image:
+def _draw_panel(truth: dict, pw: int, ph: int, rng: random.Random) -> tuple[Image.Image, dict]:
+    """The panel and its layout: where each fact is drawn, in panel pixels (see ``render``)."""
     m = min(pw, ph)
     face = _mix(rng.choice(FACES), (rng.randint(0, 255),) * 3, 0.08)
     # Drawn on RGB with an RGBA pen so translucent marks blend; on an RGBA canvas they would punch holes.
@@ -330,7 +335,8 @@ def _draw_panel(truth: dict, pw: int, ph: int, rng: random.Random) -> Image.Imag
                    fill=(60, 60, 65), width=max(1, round(r / 3)))
     # What carries ground truth (code, needle, warning, lamps) is drawn after the damage: soot or rust
     # may surround it but never make it unreadable.
-    late = [_tag(d, truth["asset_code"], pw, ph, rng)]
+    draw_tag, code_centres = _tag(d, truth["asset_code"], pw, ph, rng)
+    late = [draw_tag]
     gx, gy = (0.31 + rng.uniform(-0.02, 0.02)) * pw, (0.525 + rng.uniform(-0.01, 0.01)) * ph
     late.append(_gauge(d, truth["gauge_reading"], gx, gy, 0.19 * m))
     wx, wy = (0.75 + rng.uniform(-0.04, 0.04)) * pw, (0.5 + rng.uniform(-0.04, 0.03)) * ph
@@ -345,7 +351,14 @@ def _draw_panel(truth: dict, pw: int, ph: int, rng: random.Random) -> Image.Imag
         draw()
     _lamps(panel, d, truth["lamps"], pw, ph, face)
     panel.putalpha(mask)
-    return panel
+    cell = 0.76 * pw / len(truth["lamps"])
+    damaged = {item["location"]: item["type"] for item in truth["damage"]}
+    # A missing screw shows at its screw hole; every other damage (and "none") is judged at its cell's centre.
+    cells = [((SCREWS[loc][0] * pw, SCREWS[loc][1] * ph) if damaged.get(loc) == "missing_screw"
+              else ((i % 3 + 0.5) * pw / 3, (i // 3 + 0.5) * ph / 3)) for i, loc in enumerate(LOCATIONS)]
+    layout = {"code": code_centres, "lamps": [(0.12 * pw + cell * (i + 0.5), 0.785 * ph) for i in range(len(truth["lamps"]))],
+              "gauge": [(gx, gy)], "warning": [(wx, wy)], "cells": cells}
+    return panel, layout
 
 
 def _background(size: int, rng: random.Random, nrng: np.random.Generator) -> Image.Image:
@@ -400,7 +413,7 @@ def render(truth: dict, size: int, rng: random.Random, nrng: np.random.Generator
     scale, aspect = rng.uniform(0.74, 0.92), rng.uniform(0.9, 1.1)
     pw, ph = (round(scale * size), round(scale * size * aspect)) if aspect <= 1 else \
         (round(scale * size / aspect), round(scale * size))
-    panel = _draw_panel(truth, pw, ph, rng)
+    panel, layout = _draw_panel(truth, pw, ph, rng)
     frame = _background(size, rng, nrng)
     rot, jitter = math.radians(rng.uniform(-7, 7)), 0.03 * size
     rel = [((x - pw / 2) * math.cos(rot) - (y - ph / 2) * math.sin(rot) + rng.uniform(-jitter, jitter),
@@ -411,7 +424,8 @@ def render(truth: dict, size: int, rng: random.Random, nrng: np.random.Generator
         lo, hi = 1 - min(p[axis] for p in rel), size - 1 - max(p[axis] for p in rel)
         centre.append(rng.uniform(lo, hi) if lo < hi else size / 2)
     dst = [(centre[0] + x, centre[1] + y) for x, y in rel]
-    coeffs = _perspective(dst, [(0, 0), (pw, 0), (pw, ph), (0, ph)])
+    corners = [(0, 0), (pw, 0), (pw, ph), (0, ph)]
+    coeffs = _perspective(dst, corners)
     warped = panel.transform((size, size), Image.Transform.PERSPECTIVE, coeffs, Image.Resampling.BICUBIC)
     shadow = Image.new("L", (size, size), 0)
     offset = (round(0.012 * size), round(0.018 * size))
@@ -430,5 +444,15 @@ def render(truth: dict, size: int, rng: random.Random, nrng: np.random.Generator
     image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
     camera = {"panel_scale": round(scale, 3), "rotation_deg": round(math.degrees(rot), 2),
               "blur": round(blur, 2), "brightness": round(brightness, 3), "contrast": round(contrast, 3),
-              "noise_sigma": round(sigma, 2)}
+              "noise_sigma": round(sigma, 2), "layout": _project(layout, _perspective(corners, dst))}
     return image, camera
+
+
+def _project(layout: dict, coeffs: list[float]) -> dict:
+    """Panel points -> image pixels through the panel's homography, so each fact can be found in the picture."""
+    a, b, c, d, e, f, g, h = coeffs
+
+    def point(x: float, y: float) -> list[float]:
+        w = g * x + h * y + 1
+        return [round((a * x + b * y + c) / w, 1), round((d * x + e * y + f) / w, 1)]
+    return {name: [point(x, y) for x, y in points] for name, points in layout.items()}
