@@ -157,6 +157,21 @@ def test_qlora_stage2_runs_on_cpu_and_lowers_the_loss(tmp_path, parts, llava_dat
     assert sum(losses[-3:]) / 3 < losses[0]
 
 
+def test_feature_cache_folder_changes_with_the_tower_weights(tmp_path, tiny_model):
+    from vlm.data.cache import FeatureCache
+
+    model, processor = tiny_model
+    before = FeatureCache.folder_for(model, processor, tmp_path)
+    assert FeatureCache.folder_for(model, processor, tmp_path) == before
+    weight = next(model.vision_tower.encoder.parameters())
+    with torch.no_grad():
+        weight[0].add_(1e-3)  # a retrained tower of the same shape must not read the old features
+        try:
+            assert FeatureCache.folder_for(model, processor, tmp_path) != before
+        finally:
+            weight[0].sub_(1e-3)
+
+
 def test_feature_cache_gives_the_same_losses(tmp_path, parts, llava_data):
     train(_align_config(parts, llava_data, tmp_path / "plain", "train.max_steps=4"))
     train(_align_config(parts, llava_data, tmp_path / "cached", "train.max_steps=4", "data.cache_features=true"))

@@ -1,8 +1,8 @@
 """The frozen tower's features, computed once into safetensors shards and read back instead of re-running it.
 
 Features are stored by image content (sha256 of the file's bytes), under a folder named by everything
-that shapes them (tower, layer, CLS choice, image size and aspect), so a changed image or a changed
-model never reads stale features.
+that shapes them (the tower's config and weights, layer, CLS choice, image size and aspect), so a
+changed image or a retrained tower of the same shape never reads stale features.
 """
 
 from __future__ import annotations
@@ -36,10 +36,19 @@ def record_image_key(image, image_folder: str | Path) -> str:
     return content_key(Path(image_folder) / image if isinstance(image, (str, Path)) else image)
 
 
-def fingerprint(model_config, tower_config, image_processor_config: dict) -> str:
-    shape = {"tower": tower_config.to_dict(), "pixels": image_processor_config, "layer": model_config.vision_feature_layer,
-             "select": model_config.vision_feature_select, "size": model_config.image_size,
-             "aspect": model_config.image_aspect, "dtype": model_config.dtype}
+def weights_digest(module: torch.nn.Module) -> str:
+    """sha256 over a module's parameters and buffers (names and bytes): ~1 s per GB on this CPU."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def fingerprint(model_config, tower: torch.nn.Module, image_processor_config: dict) -> str:
+    shape = {"tower": tower.config.to_dict(), "weights": weights_digest(tower), "pixels": image_processor_config,
+             "layer": model_config.vision_feature_layer, "select": model_config.vision_feature_select,
+             "size": model_config.image_size, "aspect": model_config.image_aspect, "dtype": model_config.dtype}
     return hashlib.sha256(json.dumps(shape, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -74,8 +83,7 @@ class FeatureCache:
 
     @classmethod
     def folder_for(cls, model, processor, root: str | Path) -> Path:
-        return Path(root) / fingerprint(model.config, model.vision_tower.encoder.config,
-                                        processor.image_processor.to_dict())
+        return Path(root) / fingerprint(model.config, model.vision_tower.encoder, processor.image_processor.to_dict())
 
     @classmethod
     @torch.no_grad()
