@@ -52,6 +52,8 @@ BANDWIDTH_CONVENTION = ("floor tokens/s = bytes READ per second (a large tensor 
                         "when tied to lm_head, else one row - plus the K and V of every layer at the mean "
                         "decode context)")
 LLAVA_LABELS = ("vlm.VLM.generate", "LlavaForConditionalGeneration.generate")
+GROUPS = ("first_turn", "second_turn", "token_cut", "batched_eval", "training", "bf16")
+DEMO_PROJECTOR = load_config(ROOT / "configs" / "demo-align.yaml").model.projector
 MEMORY_CONVENTION = ("peak RSS of the call (Linux VmHWM, reset through /proc/self/clear_refs after malloc_trim "
                      "before it) minus the RSS before it: working memory beyond the weights already loaded")
 
@@ -358,7 +360,7 @@ def training_parts(quick: bool) -> str:
 
     budget, spec = (QUICK, QUICK_SPEC) if quick else (Budget(), SPEC)
     return (f"demo-shaped parts: {spec.image_size}-px/{spec.patch_size} {spec.layers}-layer {spec.width}-wide CLIP, "
-            f"{budget.lm_layers}-layer {budget.lm_hidden}-wide Qwen2 (vocab {budget.vocab_size})")
+            f"{DEMO_PROJECTOR}, {budget.lm_layers}-layer {budget.lm_hidden}-wide Qwen2 (vocab {budget.vocab_size})")
 
 
 def second_epoch_rate(overrides: list[str], now: Clock) -> float:
@@ -425,6 +427,7 @@ class Suite:
                                   note=f"prompt {inputs['input_ids'].shape[1]} tokens"))
         self.rows.append(row_from("decode tokens/s", "tok/s", "decode_tps", runs, LLAVA_LABELS, (">=", 1.0),
                                   note=f"{s.new_tokens} greedy tokens, identical: {same}"))
+        self.facts["project_decode_tps_float32"] = statistics.median(r["decode_tps"] for r in runs[0])
         context = inputs["input_ids"].shape[1] + s.new_tokens / 2
         per_token = decode_bytes_per_token(self.model, context)
         self.facts.update(read_bandwidth_gb_s=spread([b / 1e9 for b in bandwidth]),
@@ -507,32 +510,34 @@ class Suite:
                                   ("<=", 0.1)))
 
     def batched_eval(self) -> None:
-        """Eight different prompts: one left-padded batch of 8 against eight generations of one."""
+        """A batch of 8 questions (``generate_shared``) against eight generations of one, on two workloads:
+        8 different images, and 2 images with 4 questions each (VQA benchmarks ask several questions per
+        image: VQAv2 5.4 on average, POPE 18, the panels 7)."""
         n = len(QUESTIONS)
-        images = pictures(n)
-        batch = prompt_inputs(self.processor, images, QUESTIONS)
-        singles = [prompt_inputs(self.processor, [image], [q]) for image, q in zip(images, QUESTIONS, strict=True)]
-        tokens = self.settings.eval_tokens
+        for name, images in (("8 images", pictures(n)), ("2 images x 4 questions", pictures(2) * (n // 2))):
+            batch = prompt_inputs(self.processor, images, QUESTIONS)
+            singles = [prompt_inputs(self.processor, [image], [q]) for image, q in zip(images, QUESTIONS, strict=True)]
+            tokens = self.settings.eval_tokens
 
-        def timed(batches: list[dict]) -> Callable[[], dict]:
-            def run() -> dict:
-                start = self.now()
-                first = [timed_generate(self.model.generate, inputs, tokens, self.pad, self.now)["ttft"]
-                         for inputs in batches]
-                elapsed = self.now() - start
-                return {"samples_per_s": n / elapsed, "prefill_s_per_sample": sum(first) / n,
-                        "decode_s_per_sample": (elapsed - sum(first)) / n}
-            return run
+            def timed(batches: list[dict], generate: Callable, tokens: int = tokens) -> Callable[[], dict]:
+                def run() -> dict:
+                    start = self.now()
+                    first = [timed_generate(generate, inputs, tokens, self.pad, self.now)["ttft"] for inputs in batches]
+                    elapsed = self.now() - start
+                    return {"samples_per_s": n / elapsed, "prefill_s_per_sample": sum(first) / n,
+                            "decode_s_per_sample": (elapsed - sum(first)) / n}
+                return run
 
-        # Each side is already eight generations long: a third of the repeats keeps the run short.
-        runs = paired(timed([batch]), timed(singles), max(1, self.settings.repeats // 3), self.memory)
-        self.facts["batched_eval_split"] = {
-            side: {key: statistics.median(r[key] for r in results) for key in ("prefill_s_per_sample",
-                                                                                "decode_s_per_sample")}
-            for side, results in zip(("batch 8", "batch 1"), runs, strict=True)}
-        self.rows.append(row_from("batched evaluation", "samples/s", "samples_per_s", runs,
-                                  ("batch 8 (left padding)", "batch 1"), (">=", 3.0),
-                                  note=f"{tokens} new tokens per answer"))
+            # Each side is already eight generations long: a third of the repeats keeps the run short.
+            runs = paired(timed([batch], self.model.generate_shared), timed(singles, self.model.generate),
+                          max(1, self.settings.repeats // 3), self.memory)
+            self.facts[f"batched_eval_split ({name})"] = {
+                side: {key: statistics.median(r[key] for r in results) for key in ("prefill_s_per_sample",
+                                                                                    "decode_s_per_sample")}
+                for side, results in zip(("batch 8", "batch 1"), runs, strict=True)}
+            self.rows.append(row_from(f"batched evaluation, {name}", "samples/s", "samples_per_s", runs,
+                                      ("batch 8 (generate_shared)", "batch 1"), (">=", 3.0),
+                                      note=f"{tokens} new tokens per answer"))
 
     def training(self) -> None:
         """Stage 1 and 2 samples/s, with the feature cache against without, from the second epoch on."""
@@ -544,7 +549,8 @@ class Suite:
         for stage, records, template, target in (("align", "captions.json", "plain", (">=", 1.5)),
                                                  ("instruct", "stage2.json", "chat", None)):
             overrides = [f"model.vision_tower={tower}", f"model.language_model={lm}", f"stage={stage}",
-                         f"data.path={data / records}", f"data.image_folder={data}", f"data.template={template}",
+                         f"model.projector={DEMO_PROJECTOR}", f"data.path={data / records}",
+                         f"data.image_folder={data}", f"data.template={template}",
                          f"data.cache_dir={work / 'feature_cache'}", "data.max_length=1024",
                          f"train.batch_size={s.train_batch}", "train.epochs=2", "train.lora_r=32",
                          "train.lora_alpha=64", f"output_dir={work / 'out'}"]
@@ -576,7 +582,8 @@ class Suite:
         finally:
             self.model.to(torch.float32)
             self.llava.to(torch.float32)
-        fp32_ttft, fp32_decode = (statistics.median(row.values[0]) for row in self.rows[:2])
+        fp32_ttft = self.facts["first_turn_split_s_float32"]["project"]["ttft"]
+        fp32_decode = self.facts["project_decode_tps_float32"]
         self.facts["project_bf16_speedup_over_fp32"] = {
             "ttft": fp32_ttft / statistics.median(r["ttft"] for r in runs[0]),
             "decode": statistics.median(r["decode_tps"] for r in runs[0]) / fp32_decode}
@@ -649,6 +656,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="wall: elapsed time; cpu: this process's CPU time, steadier on a shared machine "
                              "(use with --threads 1)")
+    parser.add_argument("--only", default=None, metavar="GROUPS",
+                        help=f"comma-separated groups to re-measure ({', '.join(GROUPS)}); the other groups' rows "
+                             "are kept from the existing --out file (each row is a same-run ratio on its own)")
     parser.add_argument("--bf16", choices=("auto", "on", "off"), default="auto",
                         help="auto: run bf16 rows only if a bf16 matmul is at least half as fast as fp32")
     return parser.parse_args(argv)
@@ -660,6 +670,14 @@ def main(argv: list[str] | None = None) -> int:
     if repeats < 1 or (args.threads is not None and args.threads < 1):
         print("error: --repeats and --threads must be at least 1", file=sys.stderr)
         return 2
+    only = GROUPS if args.only is None else tuple(g.strip() for g in args.only.split(",") if g.strip())
+    unknown = [g for g in only if g not in GROUPS]
+    if unknown or not only:
+        print(f"error: --only takes groups from {', '.join(GROUPS)} (got {args.only!r})", file=sys.stderr)
+        return 2
+    if only != GROUPS and not args.out.is_file():
+        print(f"error: --only keeps the other groups' rows from {args.out}, which does not exist", file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as scratch:
@@ -668,10 +686,11 @@ def main(argv: list[str] | None = None) -> int:
                             new_tokens=4 if args.quick else 16, eval_tokens=4 if args.quick else 16,
                             train_samples=8 if args.quick else 64, train_batch=4 if args.quick else 8,
                             bf16=args.bf16, clock=args.clock, workdir=workdir)
-        return run(settings, args.out)
+        return run(settings, args.out, only)
 
 
-def run(settings: Settings, out: Path) -> int:
+def run(settings: Settings, out: Path, only: tuple[str, ...] = GROUPS) -> int:
+    previous = json.loads(out.read_text()) if only != GROUPS else None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.with_suffix(".partial").write_text("")
@@ -681,12 +700,22 @@ def run(settings: Settings, out: Path) -> int:
         return 2
     torch.manual_seed(0)
     suite = Suite(settings, *prepare_models(settings))
-    steps = [suite.first_turn, suite.second_turn, suite.token_cut, suite.batched_eval, suite.training, suite.bf16]
-    for step in tqdm(steps, desc="benchmark", unit="group"):
-        step()
-    rows = [row.as_dict() for row in suite.rows]
+    rows: list[dict] = []
+    if previous:  # later groups read earlier ones' facts (bf16 compares with the fp32 first turn)
+        suite.facts = {**previous["facts"], **suite.facts}
+    for group in tqdm(GROUPS, desc="benchmark", unit="group"):
+        if group in only:
+            suite.rows = []
+            getattr(suite, group)()
+            rows += [{**row.as_dict(), "group": group} for row in suite.rows]
+        else:
+            rows += [row for row in previous["rows"] if row.get("group") == group]
+    facts = suite.facts
     settings_out = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(settings).items()}
-    result = {"settings": settings_out, "facts": suite.facts, "bandwidth_convention": BANDWIDTH_CONVENTION,
+    if previous:
+        settings_out = {**previous["settings"], "groups_remeasured": {**previous["settings"].get(
+            "groups_remeasured", {}), **{group: settings_out for group in only}}}
+    result = {"settings": settings_out, "facts": facts, "bandwidth_convention": BANDWIDTH_CONVENTION,
               "memory_convention": f"{MEMORY_CONVENTION} [{suite.memory.method}]", "rows": rows}
     out.write_text(json.dumps(result, indent=2) + "\n")
     plot(rows, out.with_suffix(".png"))

@@ -540,31 +540,40 @@ def generate_answers(
     max_new_tokens: int,
     on_batch,
 ) -> None:
-    """Greedy answers, a batch at a time; ``on_batch(questions, prompts, texts)`` stores each batch."""
+    """Greedy answers, a batch at a time; ``on_batch(questions, prompts, texts)`` stores each batch.
+
+    Questions are taken grouped by image (in order of first appearance), so a batch holds several
+    questions per image and ``generate_shared`` runs each image and the shared prompt start once.
+    """
     import torch
     from tqdm import tqdm
 
     from vlm.images import load_image
 
-    with tqdm(total=len(questions), desc="answering", unit="q") as bar:
-        for start in range(0, len(questions), batch_size):
-            batch = questions[start : start + batch_size]
+    first_seen: dict[str, int] = {}
+    for q in questions:
+        first_seen.setdefault(q.image, len(first_seen))
+    ordered = sorted(questions, key=lambda q: first_seen[q.image])
+    with tqdm(total=len(ordered), desc="answering", unit="q") as bar:
+        for start in range(0, len(ordered), batch_size):
+            batch = ordered[start : start + batch_size]
             prompts = [with_suffix(q.text, suffix) for q in batch]
             texts = [
                 processor.apply_chat_template([{"role": "user", "content": f"{processor.image_token}\n{p}"}])
                 for p in prompts
             ]
-            inputs = processor(
-                images=[load_image(images_dir / q.image) for q in batch], text=texts, return_tensors="pt"
-            ).to(model.device)
+            pictures = {name: load_image(images_dir / name) for name in dict.fromkeys(q.image for q in batch)}
+            inputs = processor(images=[pictures[q.image] for q in batch], text=texts, return_tensors="pt").to(
+                model.device
+            )
             with torch.no_grad():
-                out = model.generate(
+                new_tokens = model.generate_shared(
                     **inputs,
                     max_new_tokens=max_new_tokens,
                     do_sample=False,
                     pad_token_id=processor.tokenizer.pad_token_id,
                 )
-            replies = [t.strip() for t in processor.batch_decode(out[:, inputs["input_ids"].shape[1] :])]
+            replies = [t.strip() for t in processor.batch_decode(new_tokens)]
             on_batch(batch, prompts, replies)
             bar.update(len(batch))
 

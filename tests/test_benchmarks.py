@@ -15,7 +15,8 @@ ROWS = {
     "4x token cut: LLM prefill": "<= 0.35",
     "4x token cut: first-turn time to first token": None,
     "4x token cut: second-turn time to first token": "<= 0.1",
-    "batched evaluation": ">= 3.0",
+    "batched evaluation, 8 images": ">= 3.0",
+    "batched evaluation, 2 images x 4 questions": ">= 3.0",
     "stage 1 (align) training": ">= 1.5",
     "stage 2 (instruct) training": None,
     "bf16 first-turn time to first token": "<= 1.0",
@@ -50,6 +51,17 @@ def test_quick_suite_writes_every_row(tmp_path):
     assert facts["attention"]["project_lm"] == "sdpa" and facts["read_bandwidth_gb_s"]["median"] > 0
     assert "bytes READ per second" in report["bandwidth_convention"]
     assert out.with_suffix(".png").stat().st_size > 0
+
+    # Re-measuring one group keeps the other groups' rows as they were.
+    again = _run("--quick", "--threads", "1", "--only", "batched_eval", "--out", str(out))
+    assert again.returncode == 0, again.stderr[-3000:]
+    updated = json.loads(out.read_text())
+    assert [row["name"] for row in updated["rows"]] == list(ROWS)
+    kept = [row for row in updated["rows"] if row["group"] != "batched_eval"]
+    assert kept == [row for row in report["rows"] if row["group"] != "batched_eval"]
+    assert list(updated["settings"]["groups_remeasured"]) == ["batched_eval"]
+    wrong = _run("--quick", "--only", "batched,training", "--out", str(out))
+    assert wrong.returncode == 2 and "--only" in wrong.stderr.strip().splitlines()[-1]
 
     bad = _run("--quick", "--repeats", "0", "--out", str(tmp_path / "bad.json"))
     last = bad.stderr.strip().splitlines()[-1]  # earlier lines, if any, are library import notices

@@ -158,3 +158,29 @@ def test_load_errors_are_one_line(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="has no config.json"):
         load_pretrained(tmp_path / "empty")
+
+
+@pytest.mark.parametrize("layout", ["image first", "image after differing text"])
+def test_generate_shared_gives_each_row_what_it_gets_alone(tiny_model, layout):
+    model, processor = tiny_model
+    pictures = [_picture(seed) for seed in range(3)]
+    questions = ["what is it", "is the lamp on or off please", "gauge", "a b c d e f", "x"]
+    image_of_row = [0, 1, 0, 2, 1]
+    lead = (lambda q: "<image>\n" + q) if layout == "image first" else (lambda q: q + "\n<image>")
+    prompts = [processor.apply_chat_template([{"role": "user", "content": lead(q)}]) for q in questions]
+    settings = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, return_dict_in_generate=True,
+                    output_logits=True, pad_token_id=processor.tokenizer.pad_token_id)
+    batch = processor(images=[pictures[i] for i in image_of_row], text=prompts, return_tensors="pt")
+    towers = []
+    handle = model.vision_tower.register_forward_hook(lambda module, args, out: towers.append(len(args[0])))
+    try:
+        shared = model.generate_shared(**batch, **settings)
+    finally:
+        handle.remove()
+    # Image first: the tower sees the 3 distinct images once; otherwise it is plain batched generate.
+    assert towers == ([3] if layout == "image first" else [5])
+    assert shared.sequences.shape == (5, 4)
+    for row, (image, prompt) in enumerate(zip(image_of_row, prompts, strict=True)):
+        alone = model.generate(**processor(images=[pictures[image]], text=[prompt], return_tensors="pt"), **settings)
+        for step_alone, step_shared in zip(alone.logits, shared.logits, strict=True):
+            torch.testing.assert_close(step_shared[row], step_alone[0], atol=1e-4, rtol=0)

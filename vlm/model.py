@@ -100,6 +100,53 @@ class VLM(nn.Module):
         return self.language_model.generate(input_ids=input_ids, inputs_embeds=embeds, attention_mask=attention_mask,
                                             **generate_kwargs)
 
+    @torch.no_grad()
+    def generate_shared(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
+                        **generate_kwargs) -> torch.Tensor:
+        """Batched ``generate`` that runs each distinct image, with the prompt text all rows share, once.
+
+        A VQA evaluation batch is mostly several questions about the same images under one prompt
+        template, and on a CPU the image part of the prompt is most of the work. Rows are unpadded with
+        ``attention_mask``; the shared prefix is the token prefix common to every row and must hold all
+        image slots (otherwise this is plain ``generate``). Its KV cache is computed once per distinct
+        image and copied to that image's rows; each row's own tokens follow it right-aligned, the gap
+        masked out and positions continuing from the prefix, so a row sees what it would see alone.
+        Returns only the new tokens, ``[rows, new]`` (with ``return_dict_in_generate``, the output with
+        ``sequences`` cut to them).
+        """
+        rows = [ids[mask.bool()] for ids, mask in zip(input_ids, attention_mask, strict=True)]
+        shortest = min(len(r) for r in rows)
+        same = torch.stack([r[:shortest] for r in rows]).eq(rows[0][:shortest]).all(0)
+        prefix = int(same.long().cumprod(0).sum().clamp(max=shortest - 1))  # every row keeps a token to run
+        slots_after = any(bool((r[prefix:] == self.config.image_token_id).any()) for r in rows)
+        if prefix == 0 or slots_after or pixel_values is None or len(pixel_values) != len(rows):
+            return _new_tokens(self.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                             pixel_values=pixel_values, **generate_kwargs), input_ids.shape[1])
+        distinct: list[torch.Tensor] = []
+        image_of_row = []
+        for pixels in pixel_values:
+            match = next((i for i, seen in enumerate(distinct) if torch.equal(seen, pixels)), None)
+            if match is None:
+                distinct.append(pixels)
+                match = len(distinct) - 1
+            image_of_row.append(match)
+        shared = rows[0][:prefix].expand(len(distinct), -1)
+        prefill = self.language_model(inputs_embeds=self.embed_inputs(shared, torch.stack(distinct)), use_cache=True)
+        cache = prefill[_CACHE_ARGUMENT] if _CACHE_ARGUMENT in prefill else prefill.past_key_values
+        cache.batch_select_indices(torch.tensor(image_of_row, device=input_ids.device))
+        width = max(len(r) for r in rows) - prefix
+        pad = self.language_model.config.pad_token_id or 0
+        tails = torch.full((len(rows), width), pad, dtype=input_ids.dtype, device=input_ids.device)
+        mask = torch.zeros(len(rows), prefix + width, dtype=attention_mask.dtype, device=input_ids.device)
+        mask[:, :prefix] = 1
+        for i, r in enumerate(rows):
+            tails[i, width - (len(r) - prefix):] = r[prefix:]
+            mask[i, prefix + width - (len(r) - prefix):] = 1
+        full = torch.cat([shared[:1].expand(len(rows), -1), tails], dim=1)
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        return _new_tokens(self.generate(input_ids=full, attention_mask=mask, past_key_values=cache,
+                                         position_ids=positions, **generate_kwargs), full.shape[1])
+
     # ---- what trains ---------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
@@ -126,6 +173,13 @@ class VLM(nn.Module):
             config.vision_tower, config.language_model = "vision_tower", "language_model"
         save_file({k: v.contiguous() for k, v in self.projector.state_dict().items()}, out / PROJECTOR_FILE)
         config.to_json_file(out / "config.json")
+
+
+def _new_tokens(output, prompt_length: int):
+    if isinstance(output, torch.Tensor):
+        return output[:, prompt_length:]
+    output.sequences = output.sequences[:, prompt_length:]
+    return output
 
 
 def _dense_rows(module: nn.Module, args: tuple) -> tuple | None:

@@ -37,17 +37,19 @@ def judge(category: str, gold: str, predicted: str) -> dict[str, bool]:
 
 
 @torch.no_grad()
-def answer_questions(model, processor, questions: list[dict], image_folder: Path, batch_size: int = 50,
+def answer_questions(model, processor, questions: list[dict], image_folder: Path, batch_size: int = 56,
                      max_new_tokens: int = 12, desc: str = "eval") -> list[str]:
+    """Greedy short answers in ``questions``' order; a synth folder lists each panel's questions together,
+    so a batch shares its images (``generate_shared``)."""
     answers = []
     for start in tqdm(range(0, len(questions), batch_size), desc=desc, unit="batch"):
         batch = questions[start:start + batch_size]
         prompts = [processor.apply_chat_template([{"role": "user", "content": "<image>\n" + q["text"]}])
                    for q in batch]
         inputs = processor(images=[image_folder / q["image"] for q in batch], text=prompts, return_tensors="pt")
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=processor.tokenizer.pad_token_id)
-        answers += processor.batch_decode(out[:, inputs["input_ids"].shape[1]:])
+        new_tokens = model.generate_shared(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                           pad_token_id=processor.tokenizer.pad_token_id)
+        answers += processor.batch_decode(new_tokens)
     return answers
 
 
