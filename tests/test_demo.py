@@ -1,4 +1,4 @@
-"""The demo recipe's parts: both contrastive losses on hand-checked cases, the caption-field targets,
+"""The demo recipe's parts: both contrastive losses on hand-checked cases, the per-patch fact targets,
 the scorer's rules, the corpus tokenizer, and a tiny tower and LM saved and loaded the way the VLM loads them."""
 
 import json
@@ -11,19 +11,21 @@ from PIL import Image
 from transformers import AutoModelForCausalLM
 
 from vlm.demo.contrastive import (
-    FIELDS,
+    IGNORE,
+    SPOTS,
     Contrastive,
     TowerSpec,
     build_clip,
     caption_of,
+    centre_patch_features,
     clip_loss,
     evaluate_fields,
     field_accuracy,
-    field_targets,
     image_processor,
     perturbations,
     save_tower,
     siglip_loss,
+    spot_targets,
     train_tower,
     zero_shot,
 )
@@ -68,17 +70,47 @@ def test_losses_do_not_depend_on_batch_order():
         pytest.approx(siglip_loss(images, texts, scale, bias).item())
 
 
-def test_field_targets_and_accuracy():
+def test_spot_targets_point_at_the_patches_where_facts_are_drawn():
     _, truth = generate_panel(5, 3, 128)
-    report = make_report(truth)
-    targets = torch.tensor([field_targets(report)])
-    assert targets.shape == (1, len(FIELDS))
-    assert int(targets[0, 12]) == report["gauge_reading"]  # 6 code characters, then 6 lamp labels, then the gauge
-    perfect = [torch.nn.functional.one_hot(targets[:, i], n).float() for i, (_, n) in enumerate(FIELDS)]
+    report, layout = make_report(truth), truth["camera"]["layout"]
+    targets = torch.tensor([spot_targets(report, layout, 8, 16)])
+    assert targets.shape == (1, len(SPOTS), 2)
+    patches, classes = targets[0, :, 0], targets[0, :, 1]
+    rows, cols = patches // 16, patches % 16
+    # The tag is the panel's top strip: its six characters sit above the gauge, left to right.
+    assert (rows[:6] < rows[10]).all() and cols[:6].tolist() == sorted(cols[:6].tolist())
+    names = [name for name, _ in SPOTS]
+    assert int(classes[names.index("gauge")]) == report["gauge_reading"]
+    assert int(classes[names.index("warning")]) == int(report["warning_label"])
+    lamp_classes = classes[[i for i, n in enumerate(names) if n == "lamp"]].tolist()
+    assert lamp_classes[len(report["lamps"]):] == [IGNORE] * (4 - len(report["lamps"]))
+    # The same facts at 16-px patches land in the coarser grid's cells.
+    coarse = torch.tensor(spot_targets(report, layout, 16, 8))
+    assert (coarse[:, 0] == (rows // 2) * 8 + cols // 2).all() and (coarse[:, 1] == classes).all()
+
+
+def test_field_accuracy_counts_present_facts_only():
+    reports = [generate_panel(5, i, 128)[1] for i in range(4)]
+    targets = torch.tensor([spot_targets(make_report(t), t["camera"]["layout"], 8, 16) for t in reports])
+    perfect = [torch.nn.functional.one_hot(targets[:, i, 1].clamp(min=0), n).float() for i, (_, n) in enumerate(SPOTS)]
     assert all(v == 1.0 for v in field_accuracy(perfect, targets).values())
     off_by_one = [p.roll(1, dims=-1) for p in perfect]
     result = field_accuracy(off_by_one, targets)
     assert result["gauge"] == 1.0 and result["code_exact"] == 0.0 and result["warning"] == 0.0
+
+
+def test_centring_removes_the_shared_offset_and_keeps_the_differences():
+    torch.manual_seed(0)
+    vision = build_clip(SPEC, 16, 1, 0).vision_model.eval()
+    with torch.no_grad():
+        vision.encoder.layers[-1].mlp.fc2.bias += 5.0  # a large component every token shares
+        pixels = torch.randn(6, 3, 64, 64)
+        before = vision(pixel_values=pixels).last_hidden_state[:, 1:]
+    stats = centre_patch_features(vision, pixels)
+    with torch.no_grad():
+        after = vision(pixel_values=pixels).last_hidden_state[:, 1:]
+    assert after.mean((0, 1)).abs().max() < 1e-4 and stats["token_norm_after"] < stats["token_norm_before"]
+    torch.testing.assert_close(after - after[0, 0], before - before[0, 0], atol=1e-4, rtol=0)
 
 
 def test_perturbations_change_one_fact():
@@ -140,10 +172,11 @@ def test_tiny_lm_pretrains_and_loads(corpus):
 
 def test_tiny_tower_trains_saves_and_loads_as_a_vision_tower(corpus, tmp_path):
     root, tokenizer = corpus
-    images, reports = zip(*[(image, make_report(truth)) for image, truth in
-                            (generate_panel(11, i, SPEC.image_size) for i in range(16))], strict=True)
+    images, truths = zip(*[generate_panel(11, i, SPEC.image_size) for i in range(16)], strict=True)
+    reports = [make_report(t) for t in truths]
     pixels = image_processor(SPEC)(list(images), return_tensors="pt")["pixel_values"]
-    targets = torch.tensor([field_targets(r) for r in reports])
+    targets = torch.tensor([spot_targets(r, t["camera"]["layout"], SPEC.patch_size, SPEC.image_size // SPEC.patch_size)
+                            for r, t in zip(reports, truths, strict=True)])
     captions = [caption_of(r) for r in reports]
     for loss in ("clip", "siglip"):
         model, history = train_tower(pixels, captions, targets, tokenizer, SPEC, loss=loss, steps=3, batch_size=8)
@@ -180,14 +213,22 @@ def test_stage2_mixture_keeps_short_records(tmp_path):
     assert len(json.loads(stage2_records(tmp_path, 1.0, 0).read_text())) == 24
 
 
-def test_tower_starts_as_its_patch_embedding_and_heads_cover_every_field():
+def test_tower_starts_as_its_patch_embedding_and_heads_read_the_named_patches():
     model = build_clip(SPEC, 32, 5, 3)
     layer = model.vision_model.encoder.layers[0]
     assert layer.self_attn.out_proj.weight.abs().sum() == 0 and layer.mlp.fc2.weight.abs().sum() == 0
     tokens = torch.randn(3, (SPEC.image_size // SPEC.patch_size) ** 2, SPEC.width)
-    for heads in ("grid", "attention", "both"):
-        logits = Contrastive(model, "clip", heads).heads(tokens)
-        assert [x.shape for x in logits] == [(3, classes) for _, classes in FIELDS]
+    targets = torch.zeros(3, len(SPOTS), 2, dtype=torch.long)
+    targets[:, :, 0] = torch.randint(0, tokens.shape[1], (3, len(SPOTS)))
+    heads = Contrastive(model, "clip").heads
+    logits = heads(tokens, targets)
+    assert [x.shape for x in logits] == [(3, classes) for _, classes in SPOTS]
+    # Changing a token no fact points at changes no logit.
+    unused = sorted(set(range(tokens.shape[1])) - set(targets[:, :, 0].flatten().tolist()))
+    if unused:
+        moved = tokens.clone()
+        moved[:, unused] += 10
+        assert all(torch.equal(a, b) for a, b in zip(heads(moved, targets), logits, strict=True))
 
 
 def test_quick_recipe_end_to_end(tmp_path, capsys):

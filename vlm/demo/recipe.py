@@ -29,10 +29,11 @@ from transformers import PreTrainedTokenizerFast
 from vlm.config import load_config
 from vlm.demo.contrastive import (
     TowerSpec,
+    centre_patch_features,
     evaluate_fields,
-    field_targets,
     image_processor,
     save_tower,
+    spot_targets,
     train_tower,
     zero_shot,
 )
@@ -55,26 +56,27 @@ class Budget:
     n_train: int = 5000
     n_eval: int = 200
     vocab_size: int = 1024
-    lm_steps: int = 150
+    lm_steps: int = 400
     lm_hidden: int = 128
     lm_layers: int = 4
-    compare_steps: int = 300  # per loss, for the CLIP-vs-SigLIP measurement
+    compare_steps: int = 100  # per loss, for the CLIP-vs-SigLIP measurement
     tower_steps: int = 4000
-    tower_minutes: float | None = 14  # the tower stops at whichever comes first: the CPU is shared
+    tower_minutes: float | None = 20  # the tower stops at whichever comes first: the CPU is shared
     tower_batch: int = 32
     tower_lr: float = 2e-3
-    align_steps: int = 300
-    instruct_steps: int = 1200
-    long_answer_share: float = 0.25  # of the detailed descriptions and JSON reports kept for stage 2
+    align_steps: int = 600
+    instruct_steps: int = 2500
+    long_answer_share: float = 0.1  # of the detailed descriptions and JSON reports kept for stage 2
     eval_limit: int | None = None
 
 
 QUICK = Budget(n_train=48, n_eval=4, vocab_size=400, lm_steps=4, lm_hidden=64, lm_layers=2, compare_steps=2,
                tower_steps=3, tower_minutes=None, tower_batch=16, align_steps=2, instruct_steps=2, long_answer_share=1.0)
-# 128 px is vlm.synth's minimum and the code is still legible by eye there (glyphs ~7x10 px); in the probes
-# (runs/demo-probe notes in the README) no size or patch (112/8, 128/8, 128/16, 160/16) got the code above
-# chance within this budget, so the cheapest legible one is used: 64 visual tokens per image.
-SPEC = TowerSpec(image_size=128, patch_size=16, width=64, layers=6, text_width=64, text_layers=2, embed_dim=64)
+# 128 px is vlm.synth's minimum and the code is still legible by eye there (glyphs ~7x10 px). Measured with
+# the per-patch fact heads (vlm.demo.probe, 700 steps of 32, same panels): 16-px patches hold two code
+# characters each and stayed near chance (letters 8%, digits 15%); 8-px patches reached 26% and 54% and
+# were still climbing, at 5x the time per step. So 8-px patches, merged 2x2 by the projector: 64 LM tokens.
+SPEC = TowerSpec(image_size=128, patch_size=8, width=64, layers=6, text_width=64, text_layers=2, embed_dim=64)
 QUICK_SPEC = TowerSpec(image_size=128, patch_size=32, width=64, layers=1, text_width=64, text_layers=1, embed_dim=32)
 
 
@@ -128,8 +130,9 @@ def load_panels(data_dir: Path, spec: TowerSpec) -> tuple[torch.Tensor, list[str
         images = [Image.open(data_dir / m["image"]).convert("RGB") for m in metas[start:start + 256]]
         chunks.append(processor(images, return_tensors="pt")["pixel_values"])
     reports = [m["report"] for m in metas]
-    return (torch.cat(chunks), [captions[m["id"]] for m in metas],
-            torch.tensor([field_targets(r) for r in reports]), reports)
+    grid = spec.image_size // spec.patch_size  # panels are written at the tower's size: layout pixels are its pixels
+    targets = [spot_targets(m["report"], m["camera"]["layout"], spec.patch_size, grid) for m in metas]
+    return torch.cat(chunks), [captions[m["id"]] for m in metas], torch.tensor(targets), reports
 
 
 def stage2_records(data_dir: Path, share: float, seed: int) -> Path:
@@ -223,10 +226,12 @@ def build(out: Path, work: Path, quick: bool = False, example: Path | None = Non
                                      max_seconds=minutes and 60 * minutes, batch_size=budget.tower_batch,
                                      lr=budget.tower_lr, desc=f"tower {chosen}", held_out=(eval_pixels, eval_targets))
         plot(history, ["loss", "contrastive", "fields"], work / "loss_tower.png", f"tower ({chosen} + caption fields)")
-        save_tower(model, spec, work / "tower")
         metrics["tower"] = {"loss": chosen, "steps": len(history), "images_seen": len(history) * budget.tower_batch,
-                            "held_out_curve": [{"step": h["step"], **h["held_out"]} for h in history if "held_out" in h], "zero_shot": zero_shot(model.clip, tokenizer, eval_pixels, eval_reports),
-                            "field_heads_heldout": evaluate_fields(model, eval_pixels, eval_targets)}
+                            "held_out_curve": [{"step": h["step"], **h["held_out"]} for h in history if "held_out" in h],
+                            "zero_shot": zero_shot(model.clip, tokenizer, eval_pixels, eval_reports),
+                            "field_heads_heldout": evaluate_fields(model, eval_pixels, eval_targets),
+                            "centring": centre_patch_features(model.clip.vision_model, pixels[:500])}
+        save_tower(model, spec, work / "tower")
         del model, pixels
 
     with recipe.step("language_model_wait"):  # pretraining ran beside the tower; its own time is in metrics
