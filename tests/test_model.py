@@ -160,12 +160,12 @@ def test_load_errors_are_one_line(tmp_path):
         load_pretrained(tmp_path / "empty")
 
 
-@pytest.mark.parametrize("layout", ["image first", "image after differing text"])
+@pytest.mark.parametrize("layout", ["image first", "image after differing text", "every image different"])
 def test_generate_shared_gives_each_row_what_it_gets_alone(tiny_model, layout):
     model, processor = tiny_model
-    pictures = [_picture(seed) for seed in range(3)]
+    pictures = [_picture(seed) for seed in range(5)]
     questions = ["what is it", "is the lamp on or off please", "gauge", "a b c d e f", "x"]
-    image_of_row = [0, 1, 0, 2, 1]
+    image_of_row = [0, 1, 2, 3, 4] if layout == "every image different" else [0, 1, 0, 2, 1]
     lead = (lambda q: "<image>\n" + q) if layout == "image first" else (lambda q: q + "\n<image>")
     prompts = [processor.apply_chat_template([{"role": "user", "content": lead(q)}]) for q in questions]
     settings = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, return_dict_in_generate=True,

@@ -108,7 +108,7 @@ class VLM(nn.Module):
         A VQA evaluation batch is mostly several questions about the same images under one prompt
         template, and on a CPU the image part of the prompt is most of the work. Rows are unpadded with
         ``attention_mask``; the shared prefix is the token prefix common to every row and must hold all
-        image slots (otherwise this is plain ``generate``). Its KV cache is computed once per distinct
+        image slots, and some image must repeat (otherwise this is plain ``generate``). Its KV cache is computed once per distinct
         image and copied to that image's rows; each row's own tokens follow it right-aligned, the gap
         masked out and positions continuing from the prefix, so a row sees what it would see alone.
         Returns only the new tokens, ``[rows, new]`` (with ``return_dict_in_generate``, the output with
@@ -130,6 +130,9 @@ class VLM(nn.Module):
                 distinct.append(pixels)
                 match = len(distinct) - 1
             image_of_row.append(match)
+        if len(distinct) == len(rows):  # nothing to share: plain batched generation does the same work
+            return _new_tokens(self.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                             pixel_values=pixel_values, **generate_kwargs), input_ids.shape[1])
         shared = rows[0][:prefix].expand(len(distinct), -1)
         # Only the cache is needed: no logits over the prefix (8 x 600 positions x a 152k vocabulary is 2.9 GB).
         prefill = self.language_model(inputs_embeds=self.embed_inputs(shared, torch.stack(distinct)), use_cache=True,
