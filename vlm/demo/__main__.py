@@ -11,7 +11,7 @@ from pathlib import Path
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vlm.demo", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    build = commands.add_parser("build", help="train the demo model from nothing (about 30 min on the shared 2-core CPU)")
+    build = commands.add_parser("build", help="train the demo model from nothing (about 45 min on the 2-core CPU)")
     build.add_argument("--out", type=Path, default=Path("models/demo"), help="final model folder")
     build.add_argument("--work", type=Path, default=Path("runs/demo"), help="data, parts, stages, recipe.json")
     build.add_argument("--example", type=Path, default=None,
