@@ -173,9 +173,9 @@ def _dataset(config: Config, model: VLM, processor: VLMProcessor, accelerator: A
                       for i in report.lengths if records[i].id not in skip_ids}
         images = {key: image for i, keys in image_keys.items() for key, image in zip(keys, records[i].images, strict=True)}
         root = data.cache_dir or Path(config.output_dir) / "feature_cache"
-        FeatureCache.build(model, processor, images, data.image_folder, root, accelerator.is_main_process)
+        built = FeatureCache.build(model, processor, images, data.image_folder, root, accelerator.is_main_process)
         accelerator.wait_for_everyone()
-        cache = FeatureCache(FeatureCache.folder_for(model, processor, root))  # every process reads the index
+        cache = FeatureCache(built.folder)  # reopened: every process reads the index the main process wrote
     return VLMDataset(records, processor, data, report.lengths, skip_ids=skip_ids, feature_cache=cache,
                       image_keys=image_keys)
 
