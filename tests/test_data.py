@@ -189,4 +189,4 @@ def test_synthetic_panels_pass_preflight(tmp_path, processors, file, template):
     write_dataset(tmp_path, 4, seed=11, size=56)
     data = DataConfig(path=str(tmp_path / file), image_folder=str(tmp_path), template=template)
     report = check_records(load_records(data.path), processors["chatml"], data)
-    assert not report.problems and len(report.lengths) == report.total == (4 if template == "plain" else 16)
+    assert not report.problems and len(report.lengths) == report.total == (4 if template == "plain" else 20)

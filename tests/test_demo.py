@@ -1,6 +1,7 @@
 """The demo recipe's parts: both contrastive losses on hand-checked cases, the per-patch fact targets,
 the scorer's rules, the corpus tokenizer, and a tiny tower and LM saved and loaded the way the VLM loads them."""
 
+import copy
 import json
 import math
 import random
@@ -14,19 +15,22 @@ from vlm.demo.contrastive import (
     IGNORE,
     SPOTS,
     Contrastive,
+    SpotHeads,
     TowerSpec,
     build_clip,
     caption_of,
-    centre_patch_features,
     clip_loss,
     evaluate_fields,
     field_accuracy,
     image_processor,
+    mean_patch_token,
     perturbations,
     save_tower,
+    seed_query_projector,
     siglip_loss,
     spot_targets,
     train_tower,
+    where_loss,
     zero_shot,
 )
 from vlm.demo.lm import corpus_texts, pack, pretrain_lm, train_tokenizer
@@ -34,6 +38,7 @@ from vlm.demo.recipe import folder_megabytes, save_fp16, stage2_records
 from vlm.demo.score import judge
 from vlm.model import load_pretrained
 from vlm.processor import load_image_processor
+from vlm.projector import QueryPoolProjector
 from vlm.synth import write_dataset
 from vlm.synth.panels import generate_panel, make_report
 from vlm.vision import VisionTower, load_vision_encoder
@@ -93,24 +98,47 @@ def test_field_accuracy_counts_present_facts_only():
     reports = [generate_panel(5, i, 128)[1] for i in range(4)]
     targets = torch.tensor([spot_targets(make_report(t), t["camera"]["layout"], 8, 16) for t in reports])
     perfect = [torch.nn.functional.one_hot(targets[:, i, 1].clamp(min=0), n).float() for i, (_, n) in enumerate(SPOTS)]
-    assert all(v == 1.0 for v in field_accuracy(perfect, targets).values())
-    off_by_one = [p.roll(1, dims=-1) for p in perfect]
+    where = torch.nn.functional.one_hot(targets[:, :, 0], 256).transpose(1, 2).float()
+    assert all(v == 1.0 for v in field_accuracy(perfect + [where], targets).values())
+    off_by_one = [p.roll(1, dims=-1) for p in perfect] + [where.roll(3 * 16 + 3, dims=1)]  # 3 rows, 3 columns off
     result = field_accuracy(off_by_one, targets)
     assert result["gauge"] == 1.0 and result["code_exact"] == 0.0 and result["warning"] == 0.0
+    assert result["where"] == 0.0
+    assert field_accuracy(perfect + [where.roll(1, dims=1)], targets)["where"] > 0.9  # a neighbour counts
 
 
-def test_centring_removes_the_shared_offset_and_keeps_the_differences():
+def test_where_loss_is_low_only_when_each_fact_points_at_its_own_patch():
+    _, truth = generate_panel(5, 3, 128)
+    targets = torch.tensor([spot_targets(make_report(truth), truth["camera"]["layout"], 8, 16)])
+    pointing = torch.nn.functional.one_hot(targets[:, :, 0], 256).transpose(1, 2).float() * 30
+    assert where_loss(pointing, targets) < 1e-3
+    assert where_loss(pointing.roll(1, dims=1), targets) > 1  # every fact one patch off
+    assert where_loss(torch.zeros(1, 256, len(SPOTS)), targets) == pytest.approx(1.0)  # uniform: chance
+
+
+def test_mean_patch_token_averages_every_patch_of_every_image():
     torch.manual_seed(0)
     vision = build_clip(SPEC, 16, 1, 0).vision_model.eval()
+    pixels = torch.randn(5, 3, SPEC.image_size, SPEC.image_size)
     with torch.no_grad():
-        vision.encoder.layers[-1].mlp.fc2.bias += 5.0  # a large component every token shares
-        pixels = torch.randn(6, 3, 64, 64)
-        before = vision(pixel_values=pixels).last_hidden_state[:, 1:]
-    stats = centre_patch_features(vision, pixels)
+        tokens = vision(pixel_values=pixels).last_hidden_state[:, 1:]
+    torch.testing.assert_close(mean_patch_token(vision, pixels, batch_size=2), tokens.mean((0, 1)), atol=1e-5, rtol=1e-5)
+
+
+def test_seeded_projector_pools_the_patch_the_where_head_names_minus_the_mean_token():
+    torch.manual_seed(0)
+    heads, projector = SpotHeads(64), QueryPoolProjector(64, 32, len(SPOTS))
+    plain_mlp = copy.deepcopy(projector.mlp)
+    tokens, mean = torch.randn(2, 256, 64), torch.randn(64)
     with torch.no_grad():
-        after = vision(pixel_values=pixels).last_hidden_state[:, 1:]
-    assert after.mean((0, 1)).abs().max() < 1e-4 and stats["token_norm_after"] < stats["token_norm_before"]
-    torch.testing.assert_close(after - after[0, 0], before - before[0, 0], atol=1e-4, rtol=0)
+        seed_query_projector(projector, heads, mean)
+        where = heads.where(heads.token_norm(tokens))  # [images, patches, facts]
+        out = projector(tokens)
+        # Token i: the patches weighted by the where head's softmax for fact i, centred, through the MLP.
+        expected = plain_mlp(where.softmax(1).transpose(1, 2) @ tokens - mean)
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="one per fact"):
+        seed_query_projector(QueryPoolProjector(64, 32, 5), heads, mean)
 
 
 def test_perturbations_change_one_fact():
@@ -209,7 +237,8 @@ def test_save_fp16_halves_the_files_and_loads_as_fp32(tiny_model, tmp_path):
 def test_stage2_mixture_keeps_short_records(tmp_path):
     write_dataset(tmp_path, 6, 3, 128)
     kept = json.loads(stage2_records(tmp_path, 0.0, 0).read_text())
-    assert sorted({r["id"].rsplit("_", 1)[1] for r in kept}) == ["chat", "qa"] and len(kept) == 12
+    assert sorted({r["id"].rsplit("_", 1)[1] for r in kept}) == ["all", "chat"] and len(kept) == 12
+    # The two-question records are dropped: the all-question ones ask what they ask.
     assert len(json.loads(stage2_records(tmp_path, 1.0, 0).read_text())) == 24
 
 
@@ -221,14 +250,15 @@ def test_tower_starts_as_its_patch_embedding_and_heads_read_the_named_patches():
     targets = torch.zeros(3, len(SPOTS), 2, dtype=torch.long)
     targets[:, :, 0] = torch.randint(0, tokens.shape[1], (3, len(SPOTS)))
     heads = Contrastive(model, "clip").heads
-    logits = heads(tokens, targets)
+    *logits, where = heads(tokens, targets)
     assert [x.shape for x in logits] == [(3, classes) for _, classes in SPOTS]
+    assert where.shape == (3, tokens.shape[1], len(SPOTS))
     # Changing a token no fact points at changes no logit.
     unused = sorted(set(range(tokens.shape[1])) - set(targets[:, :, 0].flatten().tolist()))
     if unused:
         moved = tokens.clone()
         moved[:, unused] += 10
-        assert all(torch.equal(a, b) for a, b in zip(heads(moved, targets), logits, strict=True))
+        assert all(torch.equal(a, b) for a, b in zip(heads(moved, targets)[:-1], logits, strict=True))
 
 
 def test_quick_recipe_end_to_end(tmp_path, capsys):

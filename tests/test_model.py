@@ -125,6 +125,24 @@ def test_projectors_and_token_counts(parts, projector, select, expected):
     assert torch.isfinite(model(**inputs).logits).all()
 
 
+def test_query_pool_projector_puts_what_each_query_finds_at_its_own_token(parts):
+    model, processor = build_vlm(ModelConfig(vision_tower=str(parts["clip"]), language_model=str(parts["qwen2"]),
+                                             projector="query_pool_mlp", projector_queries=5))
+    assert model.config.tokens_per_image == 5
+    inputs = processor(images=[_picture(7)], text=["<image> hi"])
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 5
+    assert torch.isfinite(model(**inputs).logits).all()
+    projector = model.projector
+    features = torch.randn(2, 16, projector.norm.normalized_shape[0])
+    with torch.no_grad():  # query 3 scores patch 11 far above the rest: token 3 is patch 11 through the MLP
+        projector.scores.weight.zero_()
+        projector.scores.bias.zero_()
+        projector.scores.weight[3] = 50 * projector.norm(features[0, 11]).sign()
+        out = projector(features)
+    torch.testing.assert_close(out[0, 3], projector.mlp(features[0, 11]), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out[:, 0], projector.mlp(features.mean(1)), atol=1e-5, rtol=1e-5)
+
+
 def test_siglip_has_no_cls_to_drop(parts):
     model, _ = build_vlm(ModelConfig(vision_tower=str(parts["siglip"]), language_model=str(parts["qwen2"])))
     assert model.vision_tower.prefix_tokens == 0 and model.config.tokens_per_image == 16

@@ -90,7 +90,9 @@ def test_files_are_consistent(dataset):
         kinds.add(record["id"].rsplit("_", 1)[1])
         if record["id"].endswith("_chat"):
             assert 2 <= len(turns) // 2 <= 3
-    assert kinds == {"qa", "detail", "chat", "report"}
+        if record["id"].endswith("_all"):
+            assert len(turns) // 2 == len(CATEGORIES)
+    assert kinds == {"qa", "detail", "chat", "report", "all"}
 
 
 def test_questions_agree_with_meta(dataset):

@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-PROJECTORS = ("linear", "mlp2x_gelu", "merge2x2_mlp")
+PROJECTORS = ("linear", "mlp2x_gelu", "merge2x2_mlp", "query_pool_mlp")
 FEATURE_SELECTS = ("patch", "cls_patch")
 IMAGE_ASPECTS = ("pad", "resize", "crop")
 
@@ -23,6 +23,7 @@ class ModelConfig:
     vision_tower: str = "openai/clip-vit-large-patch14-336"
     language_model: str = "Qwen/Qwen2.5-0.5B-Instruct"
     projector: str = "mlp2x_gelu"
+    projector_queries: int = 32  # query_pool_mlp: visual tokens per image
     vision_feature_layer: int = -2
     vision_feature_select: str = "patch"  # "patch" drops CLS (LLaVA-1.5), "cls_patch" keeps it
     image_size: int | None = None  # None: the tower's own resolution

@@ -280,8 +280,10 @@ def build_vlm(config: ModelConfig, root: str | Path | None = None, load_in_4bit:
 
     image_size = config.image_size or tower.native_image_size
     config.image_token_id = image_token_id
-    config.tokens_per_image = projected_tokens(config.projector, tower.tokens_per_image(image_size))
-    projector = build_projector(config.projector, tower.hidden_size, language_model.config.hidden_size).to(dtype)
+    config.tokens_per_image = projected_tokens(config.projector, tower.tokens_per_image(image_size),
+                                               config.projector_queries)
+    projector = build_projector(config.projector, tower.hidden_size, language_model.config.hidden_size,
+                                config.projector_queries).to(dtype)
     if root is not None and (root / PROJECTOR_FILE).exists():
         projector.load_state_dict(load_file(root / PROJECTOR_FILE))
 

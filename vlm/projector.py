@@ -38,15 +38,40 @@ class Merge2x2Projector(nn.Module):
         return self.mlp(blocks.reshape(images, tokens // 4, 4 * width))
 
 
-def build_projector(kind: str, vision_width: int, llm_width: int) -> nn.Module:
+class QueryPoolProjector(nn.Module):
+    """``queries`` learned queries each pool the patch tokens by a softmax over patches, then the MLP.
+
+    Attention pooling as SigLIP's MAP head or Qwen-VL's resampler do it, cut to one head without key or
+    value maps: a query's score of a patch is linear in the normalised token, so a linear classifier
+    of "which patch shows X" (e.g. one trained beside the tower) can be loaded as the queries as is.
+    Any number of patches becomes ``queries`` tokens in a fixed order: what the i-th query finds is
+    always at the i-th visual token.
+    """
+
+    def __init__(self, in_features: int, out_features: int, queries: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(in_features)
+        self.scores = nn.Linear(in_features, queries)
+        self.mlp = MLPProjector(in_features, out_features)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        weights = self.scores(self.norm(features)).softmax(dim=1)  # [images, patches, queries]
+        return self.mlp(weights.transpose(1, 2) @ features)
+
+
+def build_projector(kind: str, vision_width: int, llm_width: int, queries: int = 32) -> nn.Module:
     if kind == "linear":
         return nn.Linear(vision_width, llm_width)
     if kind == "mlp2x_gelu":
         return MLPProjector(vision_width, llm_width)
     if kind == "merge2x2_mlp":
         return Merge2x2Projector(vision_width, llm_width)
-    raise ValueError(f"unknown projector {kind!r}; choose linear, mlp2x_gelu or merge2x2_mlp")
+    if kind == "query_pool_mlp":
+        return QueryPoolProjector(vision_width, llm_width, queries)
+    raise ValueError(f"unknown projector {kind!r}; choose linear, mlp2x_gelu, merge2x2_mlp or query_pool_mlp")
 
 
-def projected_tokens(kind: str, vision_tokens: int) -> int:
+def projected_tokens(kind: str, vision_tokens: int, queries: int = 32) -> int:
+    if kind == "query_pool_mlp":
+        return queries
     return vision_tokens // 4 if kind == "merge2x2_mlp" else vision_tokens

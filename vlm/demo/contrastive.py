@@ -6,7 +6,9 @@ contrastive loss by itself leaves the small print unread. Each training step the
 caption-fact loss on the patch tokens the VLM reads: the facts the caption states (asset code
 characters, lamp states, gauge, damage per cell, warning label) are predicted from the token of the
 patch where the renderer drew each one (``vlm.synth`` records that layout), as dense objectives
-beside the contrastive one do in CoCa or LocCa. The heads are dropped after training.
+beside the contrastive one do in CoCa or LocCa, and a where head learns to point at the patch of each
+fact. The fact heads are dropped after training; the where head becomes the queries of the demo's
+projector (``seed_query_projector``).
 
 Measured on this CPU (held-out panels, 128 px): pooled readouts of the facts (learned-query attention,
 or one linear map over the whole token grid) left the code at chance after 128k images; a readout
@@ -19,6 +21,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
 
+from vlm.projector import QueryPoolProjector
 from vlm.synth import NOUN
 from vlm.synth.panels import CODE_LETTERS, DAMAGE_TYPES, LAMP_LABELS, LOCATIONS
 from vlm.testing import CLIP_MEAN, CLIP_STD
@@ -35,9 +39,10 @@ from vlm.testing import CLIP_MEAN, CLIP_STD
 DIGITS = "0123456789"
 CODE_SLOTS = (0, 1, 3, 4, 5, 6)  # the characters of "AB-1234" that carry information
 MAX_LAMPS = 4
-# One entry per fact: (head, classes). Each code character has its own head (at 16-px patches two
-# characters share a token); lamps (label x on/off) and damage cells share one head per kind.
-SPOTS = ([(f"code{k}", len(CODE_LETTERS) if k < 2 else 10) for k in range(6)] + [("lamp", 2 * len(LAMP_LABELS))] * MAX_LAMPS
+# One entry per fact: (head, classes). Facts of one kind share a head: a glyph looks the same in every
+# slot of the code, so the two letters and the four digits each train one classifier on 2x and 4x the
+# examples a per-slot head gets (measured: see recipe.json's tower curve).
+SPOTS = ([("code_letter", len(CODE_LETTERS))] * 2 + [("code_digit", 10)] * 4 + [("lamp", 2 * len(LAMP_LABELS))] * MAX_LAMPS
          + [("gauge", 101), ("warning", 2)] + [("damage", 1 + len(DAMAGE_TYPES))] * len(LOCATIONS))
 HEADS = dict(SPOTS)
 GAUGE_SIGMA = 1.5  # gauge targets are soft: 42 vs 43 is a near miss, not a wrong class
@@ -89,22 +94,40 @@ def siglip_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_sca
 
 
 class SpotHeads(nn.Module):
-    """Each fact is read from the token of its own patch by a linear classifier of its kind."""
+    """Each fact is read from the token of its own patch by a linear classifier of its kind; a "where"
+    head scores every patch for every fact, trained as a softmax over the patches pointing at the one
+    where the fact is drawn.
+
+    The where head makes each fact findable by content, wherever the camera put it: it is exactly the
+    attention pooling of ``QueryPoolProjector``, which starts from it (``seed_query_projector``).
+    """
 
     def __init__(self, width: int) -> None:
         super().__init__()
         self.token_norm = nn.LayerNorm(width)  # the residual stream is not normalised at the last layer
         self.classifiers = nn.ModuleDict({name: nn.Linear(width, classes) for name, classes in HEADS.items()})
+        self.where = nn.Linear(width, len(SPOTS))
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor) -> list[torch.Tensor]:
+        """One logits tensor per entry of ``SPOTS``, then the where scores ``[images, patches, len(SPOTS)]``."""
         rows = torch.arange(len(tokens), device=tokens.device)
         tokens = self.token_norm(tokens)
-        return [self.classifiers[name](tokens[rows, targets[:, i, 0]]) for i, (name, _) in enumerate(SPOTS)]
+        return [self.classifiers[name](tokens[rows, targets[:, i, 0]]) for i, (name, _) in enumerate(SPOTS)] + \
+            [self.where(tokens)]
+
+
+def where_loss(where: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per present fact, cross-entropy of the softmax over patches against the fact's patch, in units of
+    chance (log of the patch count)."""
+    present = targets[:, :, 1] != IGNORE
+    scores = where.transpose(1, 2)[present]  # [present facts, patches]
+    return F.cross_entropy(scores, targets[:, :, 0][present]) / math.log(where.shape[1])
 
 
 def field_loss(logits: list[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
     """Mean over facts of each one's cross-entropy in units of its chance level (log of its class count),
-    so the 101-way gauge does not drown the 2-way warning label."""
+    so the 101-way gauge does not drown the 2-way warning label; plus the where head's ``where_loss``."""
+    *logits, where = logits
     losses = []
     for i, ((name, classes), spot_logits) in enumerate(zip(SPOTS, logits, strict=True)):
         labels = targets[:, i, 1]
@@ -117,21 +140,27 @@ def field_loss(logits: list[torch.Tensor], targets: torch.Tensor) -> torch.Tenso
             losses.append(-(soft * spot_logits.log_softmax(-1)).sum(-1).mean() / math.log(classes))
         else:
             losses.append(F.cross_entropy(spot_logits, labels, ignore_index=IGNORE) / math.log(classes))
-    return torch.stack(losses).mean()
-
-
-def _kind(name: str) -> str:
-    return {"code0": "code_letter", "code1": "code_letter"}.get(name, "code_digit" if name.startswith("code") else name)
+    # Pointing weighs as much as all the reading: as one term among the facts' (1/22) it was still at
+    # 0.07-0.11 of the softmax on a code character's patch after 1,000 steps, and the projector's
+    # tokens pool what it points at.
+    return torch.stack(losses).mean() + where_loss(where, targets)
 
 
 def field_accuracy(logits: list[torch.Tensor], targets: torch.Tensor) -> dict[str, float]:
-    """Held-out accuracy per kind of fact; the asset code also as an exact match of all six characters."""
-    hits: dict[str, list[torch.Tensor]] = {}
+    """Held-out accuracy per kind of fact; the asset code also as an exact match of all six characters;
+    ``where``: the where head's best patch is the fact's own or touches it (a glyph or a cell centre on
+    a patch border is drawn in both), over every present fact."""
+    *logits, where = logits
+    present = targets[:, :, 1] != IGNORE
+    grid = math.isqrt(where.shape[1])
+    best, truth = where.argmax(1), targets[:, :, 0]
+    near = torch.maximum((best // grid - truth // grid).abs(), (best % grid - truth % grid).abs()) <= 1
+    hits: dict[str, list[torch.Tensor]] = {"where": [near[present]]}
     code_hits = []
     for i, ((name, _), spot_logits) in enumerate(zip(SPOTS, logits, strict=True)):
         labels, predicted = targets[:, i, 1], spot_logits.argmax(-1)
         hit = (predicted - labels).abs() <= 5 if name == "gauge" else predicted == labels
-        hits.setdefault(_kind(name), []).append(hit[labels != IGNORE])
+        hits.setdefault(name, []).append(hit[labels != IGNORE])
         if name.startswith("code"):
             code_hits.append(hit)
     result = {kind: float(torch.cat(h).float().mean()) for kind, h in hits.items()}
@@ -176,24 +205,36 @@ def zero_residual_branches(vision_model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def centre_patch_features(vision_model: nn.Module, pixels: torch.Tensor, batch_size: int = 100) -> dict[str, float]:
-    """Subtract the mean patch token from the last layer's output, folded into its last bias.
+def mean_patch_token(vision_model: nn.Module, pixels: torch.Tensor, batch_size: int = 100) -> torch.Tensor:
+    """The mean of the last layer's patch tokens over ``pixels``.
 
     The residual stream of a tower trained from scratch carries a large component shared by every
-    token (measured: norm ~18 against a spread of ~1.5 between tokens); a projector reading it first
-    has to learn to cancel that offset, and stage 1 stalled on it. The checkpoint stays a plain CLIP.
-    Pooled (CLS) outputs change with it, so caption scoring is measured before.
+    token (measured: norm ~18 against a spread of ~1.5 between tokens); a projector reading it has to
+    cancel that offset first, and stage 1 stalled on it. The recipe folds it into the projector's
+    first bias instead, so the tower stays exactly as trained (its fact heads read it as it is).
     """
-    def tokens() -> torch.Tensor:
-        return torch.cat([vision_model(pixel_values=pixels[i:i + batch_size]).last_hidden_state[:, 1:]
-                          for i in range(0, len(pixels), batch_size)])
+    total, count = 0, 0
+    for i in range(0, len(pixels), batch_size):
+        tokens = vision_model(pixel_values=pixels[i:i + batch_size]).last_hidden_state[:, 1:]
+        total, count = total + tokens.sum((0, 1)), count + tokens.shape[0] * tokens.shape[1]
+    return total / count
 
-    before = tokens()
-    mean = before.mean((0, 1))
-    vision_model.encoder.layers[-1].mlp.fc2.bias -= mean
-    after = tokens()
-    return {"token_norm_before": before.norm(dim=-1).mean().item(), "token_norm_after": after.norm(dim=-1).mean().item(),
-            "offset_norm": mean.norm().item()}
+
+@torch.no_grad()
+def seed_query_projector(projector: QueryPoolProjector, heads: SpotHeads, mean_token: torch.Tensor) -> None:
+    """Start a ``query_pool_mlp`` projector from what the tower's training taught its heads.
+
+    Query i is the where head's score "fact i is drawn in this patch", so visual token i starts as the
+    patch showing fact i (the i-th entry of ``SPOTS``), wherever the camera put it; the mean patch
+    token is subtracted through the MLP's first bias. The LM then has one fact per token, always at the
+    same place in the sequence, instead of having to search 64 tokens for it.
+    """
+    if projector.scores.out_features != len(SPOTS):
+        raise ValueError(f"the projector has {projector.scores.out_features} queries; seeding it from the "
+                         f"where head needs one per fact ({len(SPOTS)})")
+    projector.norm.load_state_dict(heads.token_norm.state_dict())
+    projector.scores.load_state_dict(heads.where.state_dict())
+    projector.mlp.linear_1.bias -= projector.mlp.linear_1.weight @ mean_token
 
 
 def image_processor(spec: TowerSpec) -> CLIPImageProcessorPil:
@@ -239,10 +280,12 @@ def train_tower(pixels: torch.Tensor, captions: list[str], targets: torch.Tensor
                 loss: str = "clip", steps: int = 400, max_seconds: float | None = None, batch_size: int = 64,
                 lr: float = 1e-3, seed: int = 0, desc: str = "tower",
                 held_out: tuple[torch.Tensor, torch.Tensor] | None = None,
-                eval_every: int = 250) -> tuple[Contrastive, list[dict]]:
+                eval_every: int = 250, before_step: Callable[[], None] | None = None) -> tuple[Contrastive, list[dict]]:
     """Train from random weights; ``max_seconds`` stops early on a wall-time budget (the CPU is shared).
 
     With ``held_out`` (pixels, targets), field accuracy on them is logged every ``eval_every`` steps.
+    ``before_step`` runs in this thread before every step (the recipe takes more threads there when
+    the jobs beside the tower finish).
     """
     torch.manual_seed(seed)
     if tokenizer is None:  # field heads alone (the resolution probe): any text tower will do, it is unused
@@ -269,6 +312,8 @@ def train_tower(pixels: torch.Tensor, captions: list[str], targets: torch.Tensor
         if len(order) < batch_size:  # epochs of a fresh permutation, so each batch holds distinct panels
             order += rng.sample(range(len(pixels)), len(pixels))
         index, order = order[:batch_size], order[batch_size:]
+        if before_step is not None:
+            before_step()
         text = tokenize_captions(tokenizer, [captions[i] for i in index]) if loss != "none" else {}
         total, parts = model(pixels[index], text.get("input_ids"), text.get("attention_mask"), targets[index])
         total.backward()

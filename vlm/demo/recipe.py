@@ -29,10 +29,11 @@ from transformers import PreTrainedTokenizerFast
 from vlm.config import load_config
 from vlm.demo.contrastive import (
     TowerSpec,
-    centre_patch_features,
     evaluate_fields,
     image_processor,
+    mean_patch_token,
     save_tower,
+    seed_query_projector,
     spot_targets,
     train_tower,
     zero_shot,
@@ -53,19 +54,19 @@ TRAIN_SEED, EVAL_SEED, EXAMPLE_SEED = 1000, 2000, 3000
 class Budget:
     """How much of everything; ``QUICK`` is the same pipeline shrunk to a smoke test."""
 
-    n_train: int = 5000
+    n_train: int = 20000  # code letters after 500 tower steps: 39% (20,000 panels, shared heads), 9% (5,000, per slot)
     n_eval: int = 200
     vocab_size: int = 1024
     lm_steps: int = 400
     lm_hidden: int = 128
     lm_layers: int = 4
     compare_steps: int = 100  # per loss, for the CLIP-vs-SigLIP measurement
-    tower_steps: int = 4000
-    tower_minutes: float | None = 20  # the tower stops at whichever comes first: the CPU is shared
+    tower_steps: int = 6000
+    tower_minutes: float | None = 24  # the tower stops at whichever comes first: the CPU is shared
     tower_batch: int = 32
     tower_lr: float = 2e-3
-    align_steps: int = 600
-    instruct_steps: int = 2500
+    align_steps: int = 300
+    instruct_steps: int = 1500
     long_answer_share: float = 0.1  # of the detailed descriptions and JSON reports kept for stage 2
     eval_limit: int | None = None
 
@@ -136,14 +137,17 @@ def load_panels(data_dir: Path, spec: TowerSpec) -> tuple[torch.Tensor, list[str
 
 
 def stage2_records(data_dir: Path, share: float, seed: int) -> Path:
-    """Stage-2 mixture: every short-answer and dialogue record, ``share`` of the long ones.
+    """Stage-2 mixture: every all-questions and dialogue record, ``share`` of the long ones.
 
-    Detailed descriptions and JSON reports are 3-5x longer than the rest; on a CPU budget they would
-    take most of the steps while the short answers carry most of the facts.
+    The all-questions records ask every category about one image (short answers): per image-token
+    forward they carry 3x the answers of the two-question ones (which they make redundant). Detailed
+    descriptions and JSON reports are 3-5x longer than the rest; on a CPU budget they would take most
+    of the steps while the short answers carry most of the facts.
     """
     records = json.loads((data_dir / "instruct.json").read_text())
     rng = random.Random(seed)
-    kept = [r for r in records if r["id"].endswith(("_qa", "_chat")) or rng.random() < share]
+    kept = [r for r in records if r["id"].endswith(("_all", "_chat")) or
+            (not r["id"].endswith("_qa") and rng.random() < share)]
     path = data_dir / "stage2.json"
     path.write_text(json.dumps(kept) + "\n")
     return path
@@ -169,17 +173,19 @@ def _pretrain_lm_job(train_dir: Path, lm_dir: Path, budget: Budget, threads: int
                        hidden_size=budget.lm_hidden, layers=budget.lm_layers)
 
 
-def _short_tower_job(train_dir: Path, eval_dir: Path, tokenizer_dir: Path, spec: TowerSpec, loss: str, budget: Budget,
-                     threads: int | None = None) -> dict:
+def _short_tower(train: tuple, held_out: tuple, tokenizer, spec: TowerSpec, loss: str, budget: Budget) -> dict:
     """Zero-shot caption scoring of a tower trained ``budget.compare_steps`` steps with ``loss``."""
-    if threads is not None:
-        torch.set_num_threads(threads)
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
-    pixels, captions, targets, _ = load_panels(train_dir, spec)
-    eval_pixels, _, _, eval_reports = load_panels(eval_dir, spec)
+    pixels, captions, targets, _ = train
     model, _ = train_tower(pixels, captions, targets, tokenizer, spec, loss=loss, steps=budget.compare_steps,
                            batch_size=budget.tower_batch, lr=budget.tower_lr, desc=f"tower {loss} (short)")
-    return zero_shot(model.clip, tokenizer, eval_pixels, eval_reports)
+    return zero_shot(model.clip, tokenizer, held_out[0], held_out[3])
+
+
+def _short_tower_job(train_dir: Path, eval_dir: Path, tokenizer_dir: Path, spec: TowerSpec, loss: str, budget: Budget,
+                     threads: int) -> dict:
+    torch.set_num_threads(threads)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
+    return _short_tower(load_panels(train_dir, spec), load_panels(eval_dir, spec), tokenizer, spec, loss, budget)
 
 
 def build(out: Path, work: Path, quick: bool = False, example: Path | None = None) -> dict:
@@ -203,40 +209,51 @@ def build(out: Path, work: Path, quick: bool = False, example: Path | None = Non
     with recipe.step("tokenizer"):
         tokenizer = train_tokenizer(corpus_texts(train_dir), work / "lm", budget.vocab_size)
 
-    # The LM and the short SigLIP run need nothing from the tower's step: each runs in its own process.
-    # On a shared CPU that is also what gets the recipe its share of the cores.
+    # The LM and the short SigLIP run need nothing from the tower's step: each runs in its own process,
+    # on its share of the cores; the tower takes them all back once the LM is done.
+    cores = torch.get_num_threads()
+    share = max(1, cores // 2)
+    torch.set_num_threads(share)
     pool = ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn"))
-    lm_job = pool.submit(_pretrain_lm_job, train_dir, work / "lm", budget, torch.get_num_threads())
-    siglip_job = pool.submit(_short_tower_job, train_dir, eval_dir, work / "lm", spec, "siglip", budget,
-                             torch.get_num_threads())
+    lm_job = pool.submit(_pretrain_lm_job, train_dir, work / "lm", budget, share)
+    siglip_job = pool.submit(_short_tower_job, train_dir, eval_dir, work / "lm", spec, "siglip", budget, share)
+
+    def all_cores_once_lm_is_done() -> None:
+        if lm_job.done() and torch.get_num_threads() < cores:
+            torch.set_num_threads(cores)
     with recipe.step("tower_loss_choice"):
         # Equal short budgets, same seed and data: which loss makes captions score right sooner?
-        choice = {"clip": _short_tower_job(train_dir, eval_dir, work / "lm", spec, "clip", budget),
+        train_panels, eval_panels = load_panels(train_dir, spec), load_panels(eval_dir, spec)
+        choice = {"clip": _short_tower(train_panels, eval_panels, tokenizer, spec, "clip", budget),
                   "siglip": siglip_job.result()}
         mean = {loss: sum(r.values()) / len(r) for loss, r in choice.items()}
         chosen = max(mean, key=mean.get)
         metrics["tower_loss_choice"] = {"zero_shot": choice, "mean": mean, "chosen": chosen,
                                         "steps_each": budget.compare_steps}
-        pixels, captions, targets, _ = load_panels(train_dir, spec)
-        eval_pixels, _, eval_targets, eval_reports = load_panels(eval_dir, spec)
+        (pixels, captions, targets, _), (eval_pixels, _, eval_targets, eval_reports) = train_panels, eval_panels
+        del train_panels
 
     with recipe.step("tower"):
         minutes = budget.tower_minutes
         model, history = train_tower(pixels, captions, targets, tokenizer, spec, loss=chosen, steps=budget.tower_steps,
                                      max_seconds=minutes and 60 * minutes, batch_size=budget.tower_batch,
-                                     lr=budget.tower_lr, desc=f"tower {chosen}", held_out=(eval_pixels, eval_targets))
+                                     lr=budget.tower_lr, desc=f"tower {chosen}", held_out=(eval_pixels, eval_targets),
+                                     before_step=all_cores_once_lm_is_done)
         plot(history, ["loss", "contrastive", "fields"], work / "loss_tower.png", f"tower ({chosen} + caption fields)")
         metrics["tower"] = {"loss": chosen, "steps": len(history), "images_seen": len(history) * budget.tower_batch,
                             "held_out_curve": [{"step": h["step"], **h["held_out"]} for h in history if "held_out" in h],
                             "zero_shot": zero_shot(model.clip, tokenizer, eval_pixels, eval_reports),
-                            "field_heads_heldout": evaluate_fields(model, eval_pixels, eval_targets),
-                            "centring": centre_patch_features(model.clip.vision_model, pixels[:500])}
+                            "field_heads_heldout": evaluate_fields(model, eval_pixels, eval_targets)}
+        mean_token = mean_patch_token(model.clip.vision_model, pixels[:500])
+        metrics["tower"]["mean_patch_token_norm"] = mean_token.norm().item()
         save_tower(model, spec, work / "tower")
+        heads = model.heads
         del model, pixels
 
     with recipe.step("language_model_wait"):  # pretraining ran beside the tower; its own time is in metrics
         result = lm_job.result()
         pool.shutdown()
+        torch.set_num_threads(cores)
         plot(result["history"], ["loss"], work / "loss_lm.png", "LM pretraining on the corpus text")
         metrics["language_model"] = {k: v for k, v in result.items() if k != "history"} | {
             "final_loss": sum(h["loss"] for h in result["history"][-20:]) / len(result["history"][-20:])}
@@ -245,14 +262,15 @@ def build(out: Path, work: Path, quick: bool = False, example: Path | None = Non
              f"data.image_folder={train_dir}", f"data.cache_dir={work / 'feature_cache'}"]
     with recipe.step("eval_before_stage1"):
         torch.manual_seed(0)
-        config = load_config(CONFIGS / "demo-align.yaml", paths)
-        model, processor = build_vlm(config.model)
+        model, processor = build_vlm(load_config(CONFIGS / "demo-align.yaml", paths).model)
+        seed_query_projector(model.projector, heads, mean_token)
+        model.save_pretrained(work / "init", processor, full=False)  # stage 1 starts here
         metrics["before_stage1"] = score(model, processor, eval_dir, budget.eval_limit, desc="eval before stage 1",
                                          answers_file=work / "answers_before_stage1.jsonl")
 
     with recipe.step("stage1_align"):
         stage1 = train(load_config(CONFIGS / "demo-align.yaml", paths + [
-            f"data.path={train_dir / 'captions.json'}", f"output_dir={work / 'align'}",
+            f"data.path={train_dir / 'captions.json'}", f"output_dir={work / 'align'}", f"init_from={work / 'init'}",
             f"train.max_steps={budget.align_steps}"]))
     with recipe.step("eval_after_stage1"):
         model, processor = load_pretrained(stage1)

@@ -143,6 +143,10 @@ def panel_texts(truth: dict, seed: int, index: int) -> dict:
             {"from": "human", "value": "<image>\n" + rng.choice(REPORT_PROMPTS)},
             {"from": "gpt", "value": json.dumps(report, sort_keys=False)}]},
     ]
+    # Every category once, short answers: the most supervision one image's tokens can carry. Drawn last,
+    # so the records above stay what they were for every seed.
+    instruct.append({"id": f"{pid}_all", "image": image,
+                     "conversations": turns(rng.sample(CATEGORIES, len(CATEGORIES)), False, SHORT)})
     questions = [{"question_id": f"{pid}_{cat}", "image": image, "text": qa[cat][0] + SHORT, "answer": qa[cat][1],
                   "category": cat} for cat in CATEGORIES]
     meta = {"id": pid, "image": image, "seed": seed, "index": index, "report": report, "camera": truth["camera"]}
