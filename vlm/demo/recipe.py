@@ -66,7 +66,7 @@ class Budget:
     tower_batch: int = 32
     tower_lr: float = 2e-3
     align_steps: int = 300
-    instruct_steps: int = 1500
+    instruct_steps: int = 3000
     long_answer_share: float = 0.1  # of the detailed descriptions and JSON reports kept for stage 2
     eval_limit: int | None = None
 
