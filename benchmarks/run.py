@@ -236,10 +236,11 @@ def _keep_to_tokenizer(model: VLM, vocab: int) -> None:
 def with_projector(model: VLM, processor: VLMProcessor, kind: str) -> tuple[VLM, VLMProcessor]:
     """The same tower and LM (shared, not copied) behind another projector, e.g. the 4x token cut."""
     tower = model.vision_tower
-    tokens = projected_tokens(kind, tower.tokens_per_image(model.config.image_size))
+    queries = model.config.projector_queries
+    tokens = projected_tokens(kind, tower.tokens_per_image(model.config.image_size), queries)
     config = dataclasses.replace(model.config, projector=kind, tokens_per_image=tokens)
     torch.manual_seed(0)
-    projector = build_projector(kind, tower.hidden_size, model.language_model.config.hidden_size)
+    projector = build_projector(kind, tower.hidden_size, model.language_model.config.hidden_size, queries)
     projector = projector.to(model.projector_dtype)
     return (VLM(config, tower, projector, model.language_model),
             VLMProcessor(processor.tokenizer, processor.image_processor, tokens, config.image_token,

@@ -41,7 +41,7 @@ CODE_SLOTS = (0, 1, 3, 4, 5, 6)  # the characters of "AB-1234" that carry inform
 MAX_LAMPS = 4
 # One entry per fact: (head, classes). Facts of one kind share a head: a glyph looks the same in every
 # slot of the code, so the two letters and the four digits each train one classifier on 2x and 4x the
-# examples a per-slot head gets (measured: see recipe.json's tower curve).
+# examples a per-slot head gets (with 20,000 panels: letters 39% after 500 steps; per slot on 5,000: 9%).
 SPOTS = ([("code_letter", len(CODE_LETTERS))] * 2 + [("code_digit", 10)] * 4 + [("lamp", 2 * len(LAMP_LABELS))] * MAX_LAMPS
          + [("gauge", 101), ("warning", 2)] + [("damage", 1 + len(DAMAGE_TYPES))] * len(LOCATIONS))
 HEADS = dict(SPOTS)
