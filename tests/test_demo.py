@@ -1,7 +1,6 @@
 """The demo recipe's parts: both contrastive losses on hand-checked cases, the per-patch fact targets,
 the scorer's rules, the corpus tokenizer, and a tiny tower and LM saved and loaded the way the VLM loads them."""
 
-import copy
 import json
 import math
 import random
@@ -12,7 +11,9 @@ from PIL import Image
 from transformers import AutoModelForCausalLM
 
 from vlm.demo.contrastive import (
+    GLYPHS,
     IGNORE,
+    POOL_SHARPNESS,
     SPOTS,
     Contrastive,
     SpotHeads,
@@ -22,8 +23,8 @@ from vlm.demo.contrastive import (
     clip_loss,
     evaluate_fields,
     field_accuracy,
+    glyph_loss,
     image_processor,
-    mean_patch_token,
     perturbations,
     save_tower,
     seed_query_projector,
@@ -33,9 +34,27 @@ from vlm.demo.contrastive import (
     where_loss,
     zero_shot,
 )
-from vlm.demo.lm import corpus_texts, pack, pretrain_lm, train_tokenizer
+from vlm.demo.lm import (
+    copy_accuracy,
+    corpus_texts,
+    instruction_tune,
+    pack,
+    panel_reports,
+    panel_twins,
+    pretrain_lm,
+    probe_reports,
+    train_tokenizer,
+)
 from vlm.demo.recipe import folder_megabytes, save_fp16, stage2_records
-from vlm.demo.score import judge
+from vlm.demo.score import judge, score
+from vlm.demo.twin import (
+    FACT_TOKENS,
+    distil_projector,
+    image_twin,
+    twin_accuracy,
+    twin_token_ids,
+    twin_vocabulary,
+)
 from vlm.model import load_pretrained
 from vlm.processor import load_image_processor
 from vlm.projector import QueryPoolProjector
@@ -82,9 +101,10 @@ def test_spot_targets_point_at_the_patches_where_facts_are_drawn():
     assert targets.shape == (1, len(SPOTS), 2)
     patches, classes = targets[0, :, 0], targets[0, :, 1]
     rows, cols = patches // 16, patches % 16
-    # The tag is the panel's top strip: its six characters sit above the gauge, left to right.
-    assert (rows[:6] < rows[10]).all() and cols[:6].tolist() == sorted(cols[:6].tolist())
+    # The tag is the panel's top strip: its seven characters sit above the gauge, left to right.
     names = [name for name, _ in SPOTS]
+    assert (rows[:7] < rows[names.index("gauge")]).all() and cols[:7].tolist() == sorted(cols[:7].tolist())
+    assert "".join(GLYPHS[c] for c in classes[:7]) == report["asset_code"]
     assert int(classes[names.index("gauge")]) == report["gauge_reading"]
     assert int(classes[names.index("warning")]) == int(report["warning_label"])
     lamp_classes = classes[[i for i, n in enumerate(names) if n == "lamp"]].tolist()
@@ -98,13 +118,29 @@ def test_field_accuracy_counts_present_facts_only():
     reports = [generate_panel(5, i, 128)[1] for i in range(4)]
     targets = torch.tensor([spot_targets(make_report(t), t["camera"]["layout"], 8, 16) for t in reports])
     perfect = [torch.nn.functional.one_hot(targets[:, i, 1].clamp(min=0), n).float() for i, (_, n) in enumerate(SPOTS)]
+    quiet = -torch.ones(4, len(SPOTS) - 7, len(GLYPHS))  # no glyph read on the other facts' patches
     where = torch.nn.functional.one_hot(targets[:, :, 0], 256).transpose(1, 2).float()
-    assert all(v == 1.0 for v in field_accuracy(perfect + [where], targets).values())
-    off_by_one = [p.roll(1, dims=-1) for p in perfect] + [where.roll(3 * 16 + 3, dims=1)]  # 3 rows, 3 columns off
+    pooled = torch.stack(perfect[:7], 1)  # the projector's code tokens read right too
+    result = field_accuracy(perfect + [quiet, pooled, where], targets)
+    assert result.pop("code_false_glyph") == 0.0 and all(v == 1.0 for v in result.values())
+    assert set(result) >= {"code_letter", "code_dash", "code_digit", "code_exact", "lamp", "where"}
+    off_by_one = [p.roll(1, dims=-1) for p in perfect] + [-quiet, pooled.roll(1, dims=-1),
+                                                          where.roll(3 * 16 + 3, dims=1)]  # 3 rows, 3 columns off
     result = field_accuracy(off_by_one, targets)
     assert result["gauge"] == 1.0 and result["code_exact"] == 0.0 and result["warning"] == 0.0
-    assert result["where"] == 0.0
-    assert field_accuracy(perfect + [where.roll(1, dims=1)], targets)["where"] > 0.9  # a neighbour counts
+    assert result["where"] == 0.0 and result["code_false_glyph"] == 1.0 and result["code_pooled"] == 0.0
+    assert field_accuracy(perfect + [quiet, pooled, where.roll(1, dims=1)], targets)["where"] > 0.9  # a neighbour counts
+
+
+def test_glyph_loss_wants_the_shown_glyph_above_zero_and_the_rest_below():
+    labels = torch.tensor([0, 5, len(GLYPHS) - 1])
+    sure = torch.nn.functional.one_hot(labels, len(GLYPHS)).float() * 20 - 10  # +10 on the glyph, -10 elsewhere
+    assert glyph_loss(sure, labels) < 1e-3
+    # The same ranking shifted up: softmax cross-entropy cannot tell, the one-vs-rest part can.
+    assert glyph_loss(sure + 12, labels) > 1
+    assert glyph_loss(-sure.abs(), None) < 1e-3 and glyph_loss(sure.abs(), None) > 1
+    assert glyph_loss(torch.zeros(3, len(GLYPHS)), labels).item() == pytest.approx(
+        len(GLYPHS) * math.log(2) / (math.log(len(GLYPHS)) + 1) + 1, rel=1e-5)
 
 
 def test_where_loss_is_low_only_when_each_fact_points_at_its_own_patch():
@@ -116,29 +152,48 @@ def test_where_loss_is_low_only_when_each_fact_points_at_its_own_patch():
     assert where_loss(torch.zeros(1, 256, len(SPOTS)), targets) == pytest.approx(1.0)  # uniform: chance
 
 
-def test_mean_patch_token_averages_every_patch_of_every_image():
+def test_seeded_projector_pools_where_the_where_head_points():
     torch.manual_seed(0)
-    vision = build_clip(SPEC, 16, 1, 0).vision_model.eval()
-    pixels = torch.randn(5, 3, SPEC.image_size, SPEC.image_size)
+    heads, projector = SpotHeads(64), QueryPoolProjector(64, 48, len(SPOTS))
+    tokens = torch.randn(2, 256, 64)
     with torch.no_grad():
-        tokens = vision(pixel_values=pixels).last_hidden_state[:, 1:]
-    torch.testing.assert_close(mean_patch_token(vision, pixels, batch_size=2), tokens.mean((0, 1)), atol=1e-5, rtol=1e-5)
-
-
-def test_seeded_projector_pools_the_patch_the_where_head_names_minus_the_mean_token():
-    torch.manual_seed(0)
-    heads, projector = SpotHeads(64), QueryPoolProjector(64, 32, len(SPOTS))
-    plain_mlp = copy.deepcopy(projector.mlp)
-    tokens, mean = torch.randn(2, 256, 64), torch.randn(64)
-    with torch.no_grad():
-        seed_query_projector(projector, heads, mean)
-        where = heads.where(heads.token_norm(tokens))  # [images, patches, facts]
-        out = projector(tokens)
-        # Token i: the patches weighted by the where head's softmax for fact i, centred, through the MLP.
-        expected = plain_mlp(where.softmax(1).transpose(1, 2) @ tokens - mean)
-    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+        seed_query_projector(projector, heads)
+        normed = heads.token_norm(tokens)
+        pooled = (POOL_SHARPNESS * heads.where(normed)).softmax(1).transpose(1, 2) @ normed  # [images, facts, width]
+        torch.testing.assert_close(projector(tokens), projector.mlp(pooled), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="one per fact"):
-        seed_query_projector(QueryPoolProjector(64, 32, 5), heads, mean)
+        seed_query_projector(QueryPoolProjector(64, 48, 5), heads)
+
+
+def test_projector_distils_to_the_twin_tokens_embeddings(corpus):
+    """Synthetic features that show each fact's class at its own patch, in a pattern per class shared by
+    the facts of a kind (as a glyph looks the same in every slot): distillation must write each fact's
+    twin-token embedding at its visual token."""
+    _, tokenizer = corpus
+    torch.manual_seed(0)
+    panels, width, facts = 600, 32, len(SPOTS)
+    classes = torch.stack([torch.randint(0, len(FACT_TOKENS[kind]) - (kind == "lamp"), (panels,))
+                           for kind, _ in SPOTS], 1)
+    targets = torch.stack([torch.arange(facts).expand(panels, -1), classes], -1)  # fact i drawn at patch i
+    patterns = {kind: torch.randn(len(tokens), width) for kind, tokens in FACT_TOKENS.items()}
+    features = torch.randn(panels, 64, width + facts) * 0.1
+    for i, (kind, _) in enumerate(SPOTS):
+        features[:, i, :width] += patterns[kind][classes[:, i]]
+        features[:, i, width + i] += 5  # and where each fact is: the where head's seed finds it
+    projector = QueryPoolProjector(width + facts, 24, facts)
+    with torch.no_grad():
+        projector.scores.weight.zero_()
+        projector.scores.bias.zero_()
+        projector.scores.weight[:, width:] = 10 * torch.eye(facts)
+    twins = twin_token_ids(tokenizer, targets)
+    embeddings, vocabulary = torch.randn(len(tokenizer), 24), twin_vocabulary(tokenizer)
+    before = twin_accuracy(projector, features[500:], twins[500:], embeddings, vocabulary)
+    history = distil_projector(projector, features[:500], twins[:500], embeddings, vocabulary, steps=300, lr=1e-2)
+    after = twin_accuracy(projector, features[500:], twins[500:], embeddings, vocabulary)
+    assert history[-1]["loss"] < history[0]["loss"] / 3
+    assert before["code_letter"] < 0.2 and before["warning"] < 0.6, before
+    assert min(after["code_letter"], after["code_digit"], after["warning"], after["damage"]) > 0.9, after
+    assert set(after) == {"code_letter", "code_dash", "code_digit", "lamp", "gauge", "warning", "damage", "code_exact"}
 
 
 def test_perturbations_change_one_fact():
@@ -173,19 +228,89 @@ def corpus(tmp_path_factory):
     return root, tokenizer
 
 
-def test_tokenizer_splits_digits_and_has_a_chat_template(corpus):
+def test_tokenizer_splits_digits_and_capitals_and_has_a_chat_template(corpus):
     _, tokenizer = corpus
-    assert [t for t in tokenizer.tokenize("KX-4821") if t.isdigit()] == ["4", "8", "2", "1"]
+    # Each character of a code is one token, the same token wherever the code stands.
+    assert tokenizer.tokenize("KX-4821") == list("KX-4821")
+    assert tokenizer.tokenize(" reads KX-4821.")[-8:] == [*"KX-4821", "."]
     assert tokenizer.eos_token == "<|im_end|>"
     text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
                                          add_generation_prompt=True)
     assert text.endswith("<|im_start|>assistant\n")
-    assert tokenizer.decode(tokenizer("gauge at 73")["input_ids"]) == "gauge at 73"
+    assert tokenizer.decode(tokenizer("gauge at 73, PWR lit")["input_ids"]) == "gauge at 73, PWR lit"
+
+
+def test_corpus_puts_the_twin_where_the_image_goes(corpus):
+    root, tokenizer = corpus
+    metas = [json.loads(line) for line in (root / "data" / "meta.jsonl").read_text().splitlines()]
+    texts = corpus_texts(root / "data", tokenizer)
+    assert "<image>" not in "".join(texts)
+    first_caption = texts[0]  # captions come first, in panel order; the prompt ends where the image was
+    twin = image_twin(metas[0]["report"])
+    assert first_caption.split("<|im_end|>")[0].endswith("\n" + twin)
+    assert twin.startswith(metas[0]["report"]["asset_code"] + "<")
+    # One token per fact, in SPOTS order: exactly the ids the projector is distilled to.
+    targets = torch.tensor([spot_targets(metas[0]["report"], metas[0]["camera"]["layout"], 8, 16)])
+    ids = tokenizer(twin, add_special_tokens=False)["input_ids"]
+    assert ids == twin_token_ids(tokenizer, targets)[0].tolist() and len(ids) == len(SPOTS)
+
+
+class _Copier:
+    """Answers every prompt with the code that starts its user turn: a perfect copier, to check the scoring."""
+
+    def __init__(self, tokenizer, wrong: bool = False) -> None:
+        self.tokenizer, self.wrong = tokenizer, wrong
+
+    def eval(self) -> "_Copier":
+        return self
+
+    def generate(self, input_ids, attention_mask, **kwargs):
+        rows = []
+        for ids, mask in zip(input_ids, attention_mask, strict=True):
+            prompt = self.tokenizer.decode(ids[mask.bool()])
+            answer = prompt.split("user\n")[1].split("<")[0]
+            answer = answer[::-1] if self.wrong else answer
+            rows.append(ids.tolist() + self.tokenizer(answer + "<|im_end|>", add_special_tokens=False)["input_ids"])
+        width = max(map(len, rows))
+        return torch.tensor([row + [self.tokenizer.pad_token_id] * (width - len(row)) for row in rows])
+
+
+def test_copy_accuracy_counts_codes_answered_from_the_twin(corpus):
+    root, tokenizer = corpus
+    reports = panel_reports(root / "data", 5)
+    assert len(reports) == 5 and all(len(r["asset_code"]) == 7 and r["asset_code"][2] == "-" for r in reports)
+    assert copy_accuracy(_Copier(tokenizer), tokenizer, reports) == 1.0
+    assert copy_accuracy(_Copier(tokenizer, wrong=True), tokenizer, reports) == 0.0
+    probes = probe_reports(panel_reports(root / "data"), 50, 0)
+    assert probes == probe_reports(panel_reports(root / "data"), 50, 0)
+    assert not {p["asset_code"] for p in probes} & {r["asset_code"] for r in panel_reports(root / "data")}
+    assert copy_accuracy(_Copier(tokenizer), tokenizer, probes) == 1.0
+
+
+def test_scoring_from_true_twins_puts_each_panels_twin_where_the_image_goes(corpus):
+    root, tokenizer = corpus
+    twins = panel_twins(root / "data")
+    result = score(_Copier(tokenizer), tokenizer, root / "data", twins=twins)  # it answers every question with the code
+    assert result["asset_code"] == 1.0 and result["n_asset_code"] == 24
+    assert result["lamp"] == 0.0 and result["n_lamp"] == 24
 
 
 def test_pack_cuts_rows_across_documents():
     rows = pack([[1, 2, 3], [4, 5], [6, 7, 8, 9]], 4)
     assert rows.tolist() == [[1, 2, 3, 4], [5, 6, 7, 8]]
+
+
+def test_instruction_tuning_lowers_the_reply_loss_and_saves(corpus, tmp_path):
+    root, tokenizer = corpus
+    pretrain_lm(corpus_texts(root / "data", tokenizer), tokenizer, tmp_path / "lm", steps=2, batch_size=2,
+                seq_len=64, hidden_size=64, layers=1)
+    before = AutoModelForCausalLM.from_pretrained(tmp_path / "lm").state_dict()
+    result = instruction_tune(root / "data", root / "data" / "instruct.json", tokenizer, tmp_path / "lm", steps=12,
+                              batch_size=4, lr=3e-3)
+    losses = [h["loss"] for h in result["history"]]
+    assert result["records"] == 24 * 5 and sum(losses[-3:]) < sum(losses[:3])
+    after = AutoModelForCausalLM.from_pretrained(tmp_path / "lm").state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
 def test_tiny_lm_pretrains_and_loads(corpus):
@@ -250,15 +375,16 @@ def test_tower_starts_as_its_patch_embedding_and_heads_read_the_named_patches():
     targets = torch.zeros(3, len(SPOTS), 2, dtype=torch.long)
     targets[:, :, 0] = torch.randint(0, tokens.shape[1], (3, len(SPOTS)))
     heads = Contrastive(model, "clip").heads
-    *logits, where = heads(tokens, targets)
+    *logits, elsewhere, pooled, where = heads(tokens, targets)
     assert [x.shape for x in logits] == [(3, classes) for _, classes in SPOTS]
+    assert elsewhere.shape == (3, len(SPOTS) - 7, len(GLYPHS)) and pooled.shape == (3, 7, len(GLYPHS))
     assert where.shape == (3, tokens.shape[1], len(SPOTS))
     # Changing a token no fact points at changes no logit.
     unused = sorted(set(range(tokens.shape[1])) - set(targets[:, :, 0].flatten().tolist()))
     if unused:
         moved = tokens.clone()
         moved[:, unused] += 10
-        assert all(torch.equal(a, b) for a, b in zip(heads(moved, targets)[:-1], logits, strict=True))
+        assert all(torch.equal(a, b) for a, b in zip(heads(moved, targets)[:-2], logits + [elsewhere], strict=True))
 
 
 def test_quick_recipe_end_to_end(tmp_path, capsys):
@@ -279,3 +405,13 @@ def test_quick_recipe_end_to_end(tmp_path, capsys):
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     assert Image.open(tmp_path / "panel.jpg").format == "JPEG"
     assert metrics["example"]["truth"] and isinstance(metrics["example"]["answer"], str)
+    rounds = metrics["language_model"]["instruction_rounds"]
+    assert rounds[0]["steps"] == 0 and [r["round"] for r in rounds[1:]] == [1, 2]  # the tiny LM never copies
+    # The last part again from the work folder: no round is left to give, the stages rerun and save.
+    assert main(["stages", "--out", str(tmp_path / "again"), "--work", str(tmp_path / "work"),
+                 "--threads", str(torch.get_num_threads())]) == 0
+    record = json.loads((tmp_path / "work" / "recipe.json").read_text())
+    assert len(record["reruns"]) == 1 and len(record["metrics"]["language_model"]["instruction_rounds"]) == 3
+    assert {"lamp", "asset_code"} <= set(record["metrics"]["after_stage2"])
+    assert load_pretrained(tmp_path / "again")[0].config.tokens_per_image == len(SPOTS)
+    assert main(["stages", "--work", str(tmp_path / "nothing")]) == 2

@@ -139,8 +139,8 @@ def test_query_pool_projector_puts_what_each_query_finds_at_its_own_token(parts)
         projector.scores.bias.zero_()
         projector.scores.weight[3] = 50 * projector.norm(features[0, 11]).sign()
         out = projector(features)
-    torch.testing.assert_close(out[0, 3], projector.mlp(features[0, 11]), atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(out[:, 0], projector.mlp(features.mean(1)), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[0, 3], projector.mlp(projector.norm(features[0, 11])), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out[:, 0], projector.mlp(projector.norm(features).mean(1)), atol=1e-5, rtol=1e-5)
 
 
 def test_siglip_has_no_cls_to_drop(parts):

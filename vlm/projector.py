@@ -42,8 +42,9 @@ class QueryPoolProjector(nn.Module):
     """``queries`` learned queries each pool the patch tokens by a softmax over patches, then the MLP.
 
     Attention pooling as SigLIP's MAP head or Qwen-VL's resampler do it, cut to one head without key or
-    value maps: a query's score of a patch is linear in the normalised token, so a linear classifier
-    of "which patch shows X" (e.g. one trained beside the tower) can be loaded as the queries as is.
+    value maps: a query's score of a patch is linear in the normalised token, and the normalised tokens
+    are what is pooled, so linear classifiers trained beside the tower ("which patch shows X", "what
+    does this patch show") can be loaded as the queries and the MLP's first layer as they are.
     Any number of patches becomes ``queries`` tokens in a fixed order: what the i-th query finds is
     always at the i-th visual token.
     """
@@ -55,8 +56,9 @@ class QueryPoolProjector(nn.Module):
         self.mlp = MLPProjector(in_features, out_features)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        weights = self.scores(self.norm(features)).softmax(dim=1)  # [images, patches, queries]
-        return self.mlp(weights.transpose(1, 2) @ features)
+        normed = self.norm(features)
+        weights = self.scores(normed).softmax(dim=1)  # [images, patches, queries]
+        return self.mlp(weights.transpose(1, 2) @ normed)
 
 
 def build_projector(kind: str, vision_width: int, llm_width: int, queries: int = 32) -> nn.Module:

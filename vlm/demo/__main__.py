@@ -1,4 +1,4 @@
-"""``python -m vlm.demo build [--out models/demo] [--work runs/demo] [--quick]`` | ``python -m vlm.demo probe``."""
+"""``python -m vlm.demo build [--out models/demo] [--work runs/demo] [--quick]`` | ``stages`` | ``probe``."""
 
 from __future__ import annotations
 
@@ -20,6 +20,12 @@ def main(argv: list[str] | None = None) -> int:
     build.add_argument("--quick", action="store_true", help="a tiny smoke run of every step (about a minute)")
     build.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                        help="cores to use (default: all); jobs that run side by side split them")
+    rerun = commands.add_parser("stages", help="rerun a build's last part from its work folder: the LM's "
+                                "instruction rounds where it does not copy yet, projector seeding, stages 1-2")
+    rerun.add_argument("--out", type=Path, default=Path("models/demo"), help="final model folder")
+    rerun.add_argument("--work", type=Path, default=Path("runs/demo"), help="the build's work folder")
+    rerun.add_argument("--example", type=Path, default=None, help="as for build")
+    rerun.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="cores to use (default: all)")
     probe = commands.add_parser("probe", help="measure which image/patch size keeps the asset code readable")
     probe.add_argument("--out", type=Path, default=Path("runs/demo-probe.json"))
     probe.add_argument("--steps", type=int, default=250)
@@ -41,9 +47,17 @@ def main(argv: list[str] | None = None) -> int:
     # with 2 threads beside another busy process and 0.29 s with 1 (OpenMP threads wait for each other
     # at every barrier), and 0.39 s with 2 threads alone against 0.59 s with 1.
     torch.set_num_threads(args.threads)
-    from vlm.demo.recipe import build as run_build
+    if args.command == "stages":
+        if not (args.work / "recipe.json").is_file():
+            print(f"error: {args.work} holds no recipe.json of a build", file=sys.stderr)
+            return 2
+        from vlm.demo.recipe import stages
 
-    record = run_build(args.out, args.work, quick=args.quick, example=args.example)
+        record = stages(args.out, args.work, example=args.example)
+    else:
+        from vlm.demo.recipe import build as run_build
+
+        record = run_build(args.out, args.work, quick=args.quick, example=args.example)
     print(json.dumps(record["metrics"], indent=2))
     print(f"wrote {args.out} in {record['total_seconds'] / 60:.1f} min; recipe in {args.work / 'recipe.json'}")
     return 0

@@ -7,8 +7,8 @@ caption-fact loss on the patch tokens the VLM reads: the facts the caption state
 characters, lamp states, gauge, damage per cell, warning label) are predicted from the token of the
 patch where the renderer drew each one (``vlm.synth`` records that layout), as dense objectives
 beside the contrastive one do in CoCa or LocCa, and a where head learns to point at the patch of each
-fact. The fact heads are dropped after training; the where head becomes the queries of the demo's
-projector (``seed_query_projector``).
+fact. The where head becomes the queries of the demo's projector (``seed_query_projector``); the
+other heads are saved beside the tower as a record of what it reads.
 
 Measured on this CPU (held-out panels, 128 px): pooled readouts of the facts (learned-query attention,
 or one linear map over the whole token grid) left the code at chance after 128k images; a readout
@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
@@ -37,20 +38,37 @@ from vlm.synth.panels import CODE_LETTERS, DAMAGE_TYPES, LAMP_LABELS, LOCATIONS
 from vlm.testing import CLIP_MEAN, CLIP_STD
 
 DIGITS = "0123456789"
-CODE_SLOTS = (0, 1, 3, 4, 5, 6)  # the characters of "AB-1234" that carry information
+GLYPHS = CODE_LETTERS + DIGITS + "-"  # the characters an asset code is printed in
+CODE_SLOTS = tuple(range(7))  # every character of "AB-1234", the dash too: the LM copies the print as it is
 MAX_LAMPS = 4
 # One entry per fact: (head, classes). Facts of one kind share a head: a glyph looks the same in every
-# slot of the code, so the two letters and the four digits each train one classifier on 2x and 4x the
-# examples a per-slot head gets (with 20,000 panels: letters 39% after 500 steps; per slot on 5,000: 9%).
-SPOTS = ([("code_letter", len(CODE_LETTERS))] * 2 + [("code_digit", 10)] * 4 + [("lamp", 2 * len(LAMP_LABELS))] * MAX_LAMPS
+# slot of the code, so one classifier reads all six characters (with 20,000 panels: letters 39% after
+# 500 steps with a head per kind of character; per slot on 5,000 panels: 9%).
+SPOTS = ([("code", len(GLYPHS))] * len(CODE_SLOTS) + [("lamp", 2 * len(LAMP_LABELS))] * MAX_LAMPS
          + [("gauge", 101), ("warning", 2)] + [("damage", 1 + len(DAMAGE_TYPES))] * len(LOCATIONS))
 HEADS = dict(SPOTS)
+CODE_WEIGHT = 2.0  # the code needs all six characters right: its reading weighs double among the facts
 GAUGE_SIGMA = 1.5  # gauge targets are soft: 42 vs 43 is a near miss, not a wrong class
+# The projector pools with the where head's scores times this: the softmax then sits on the fact's own
+# patch instead of spreading over its neighbours (a code character's neighbours are other characters).
+POOL_SHARPNESS = 4.0
 IGNORE = -100
 
 
+def fact_classes(report: dict) -> list[int]:
+    """The class of every entry of ``SPOTS`` for one panel's report; ``IGNORE`` where a lamp is absent."""
+    classes = [GLYPHS.index(report["asset_code"][i]) for i in CODE_SLOTS]
+    lamps = report["lamps"]
+    classes += [2 * LAMP_LABELS.index(lamps[k]["label"]) + int(lamps[k]["on"]) if k < len(lamps) else IGNORE
+                for k in range(MAX_LAMPS)]
+    classes += [report["gauge_reading"], int(report["warning_label"])]
+    damage = {item["location"]: 1 + DAMAGE_TYPES.index(item["type"]) for item in report["damage"]}
+    return classes + [damage.get(location, 0) for location in LOCATIONS]
+
+
 def spot_targets(report: dict, layout: dict, pixels_per_patch: float, grid: int) -> list[tuple[int, int]]:
-    """(patch index, class) of every entry of ``SPOTS`` for one panel; class ``IGNORE`` where a lamp is absent.
+    """(patch index, class) of every entry of ``SPOTS`` for one panel (``fact_classes``); patch 0 where a
+    lamp is absent.
 
     ``layout`` holds image-pixel points (vlm.synth's ``camera["layout"]``); ``pixels_per_patch`` is the
     patch size in those pixels.
@@ -59,20 +77,11 @@ def spot_targets(report: dict, layout: dict, pixels_per_patch: float, grid: int)
         col, row = (min(grid - 1, max(0, int(v // pixels_per_patch))) for v in point)
         return row * grid + col
 
-    code = report["asset_code"]
-    spots = [(patch(layout["code"][i]), (CODE_LETTERS if k < 2 else DIGITS).index(code[i]))
-             for k, i in enumerate(CODE_SLOTS)]
-    for k in range(MAX_LAMPS):
-        if k < len(report["lamps"]):
-            lamp = report["lamps"][k]
-            spots.append((patch(layout["lamps"][k]), 2 * LAMP_LABELS.index(lamp["label"]) + int(lamp["on"])))
-        else:
-            spots.append((0, IGNORE))
-    spots += [(patch(layout["gauge"][0]), report["gauge_reading"]),
-              (patch(layout["warning"][0]), int(report["warning_label"]))]
-    damage = {item["location"]: 1 + DAMAGE_TYPES.index(item["type"]) for item in report["damage"]}
-    spots += [(patch(point), damage.get(loc, 0)) for loc, point in zip(LOCATIONS, layout["cells"], strict=True)]
-    return spots
+    points = ([layout["code"][i] for i in CODE_SLOTS] + [layout["lamps"][k] if k < len(layout["lamps"]) else None
+                                                        for k in range(MAX_LAMPS)]
+              + [layout["gauge"][0], layout["warning"][0]] + list(layout["cells"]))
+    return [(0 if point is None else patch(point), cls)
+            for point, cls in zip(points, fact_classes(report), strict=True)]
 
 
 def clip_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
@@ -99,7 +108,9 @@ class SpotHeads(nn.Module):
     where the fact is drawn.
 
     The where head makes each fact findable by content, wherever the camera put it: it is exactly the
-    attention pooling of ``QueryPoolProjector``, which starts from it (``seed_query_projector``).
+    attention pooling of ``QueryPoolProjector``, which starts from it (``seed_query_projector``). The
+    code head is also trained on what that pooling yields, and to stay below zero on the other facts'
+    patches.
     """
 
     def __init__(self, width: int) -> None:
@@ -109,11 +120,20 @@ class SpotHeads(nn.Module):
         self.where = nn.Linear(width, len(SPOTS))
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor) -> list[torch.Tensor]:
-        """One logits tensor per entry of ``SPOTS``, then the where scores ``[images, patches, len(SPOTS)]``."""
+        """One logits tensor per entry of ``SPOTS``; the code head on every other fact's patch
+        ``[images, facts - 7, glyphs]``; the code head on what the seeded projector's code queries pool
+        ``[images, 7, glyphs]``; the where scores ``[images, patches, len(SPOTS)]``."""
         rows = torch.arange(len(tokens), device=tokens.device)
         tokens = self.token_norm(tokens)
-        return [self.classifiers[name](tokens[rows, targets[:, i, 0]]) for i, (name, _) in enumerate(SPOTS)] + \
-            [self.where(tokens)]
+        facts = [self.classifiers[name](tokens[rows, targets[:, i, 0]]) for i, (name, _) in enumerate(SPOTS)]
+        elsewhere = self.classifiers["code"](tokens[rows[:, None], targets[:, len(CODE_SLOTS):, 0]])
+        where = self.where(tokens)
+        return facts + [elsewhere, self.read_pooled_code(tokens, where), where]
+
+    def read_pooled_code(self, normed: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+        """The code head on the normalised tokens pooled as the seeded projector pools them."""
+        weights = (POOL_SHARPNESS * where[:, :, :len(CODE_SLOTS)]).softmax(1)
+        return self.classifiers["code"](weights.transpose(1, 2) @ normed)
 
 
 def where_loss(where: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -124,15 +144,31 @@ def where_loss(where: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(scores, targets[:, :, 0][present]) / math.log(where.shape[1])
 
 
+def glyph_loss(logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    """The code head's loss: softmax cross-entropy (which learns to read faster: letters 17% vs 13% and
+    digits 42% vs 38% after 500 steps, same panels) plus one-vs-rest cross-entropy summed over glyphs,
+    which pins the logits' level (above zero for the glyph shown, below for the rest), each in units of
+    chance; ``labels`` None: no glyph is there, every logit belongs below zero."""
+    classes = logits.shape[-1]
+    wanted = torch.zeros_like(logits) if labels is None else F.one_hot(labels, classes).to(logits.dtype)
+    one_vs_rest = F.binary_cross_entropy_with_logits(logits, wanted, reduction="none").sum(-1).mean()
+    loss = one_vs_rest / (math.log(classes) + 1)  # a glyph prior of 1/K costs about log K + 1
+    return loss if labels is None else loss + F.cross_entropy(logits, labels) / math.log(classes)
+
+
 def field_loss(logits: list[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
-    """Mean over facts of each one's cross-entropy in units of its chance level (log of its class count),
+    """Weighted mean over facts of each one's loss in units of its chance level (log of its class count),
     so the 101-way gauge does not drown the 2-way warning label; plus the where head's ``where_loss``."""
-    *logits, where = logits
-    losses = []
+    *logits, elsewhere, pooled, where = logits
+    losses, weights = [], []
     for i, ((name, classes), spot_logits) in enumerate(zip(SPOTS, logits, strict=True)):
         labels = targets[:, i, 1]
         present = labels != IGNORE
         if not present.any():
+            continue
+        if name == "code":  # read at the character's own patch, and from what the projector will pool
+            losses += [glyph_loss(spot_logits, labels), glyph_loss(pooled[:, i], labels)]
+            weights += [CODE_WEIGHT / 2] * 2
             continue
         if name == "gauge":
             values = torch.arange(classes, dtype=spot_logits.dtype, device=spot_logits.device)
@@ -140,17 +176,24 @@ def field_loss(logits: list[torch.Tensor], targets: torch.Tensor) -> torch.Tenso
             losses.append(-(soft * spot_logits.log_softmax(-1)).sum(-1).mean() / math.log(classes))
         else:
             losses.append(F.cross_entropy(spot_logits, labels, ignore_index=IGNORE) / math.log(classes))
+        weights.append(1.0)
+    other_present = targets[:, len(CODE_SLOTS):, 1] != IGNORE
+    losses.append(glyph_loss(elsewhere[other_present], None))
+    weights.append(1.0)
+    weights_t = torch.tensor(weights, dtype=where.dtype, device=where.device)
     # Pointing weighs as much as all the reading: as one term among the facts' (1/22) it was still at
     # 0.07-0.11 of the softmax on a code character's patch after 1,000 steps, and the projector's
     # tokens pool what it points at.
-    return torch.stack(losses).mean() + where_loss(where, targets)
+    return (torch.stack(losses) * weights_t).sum() / weights_t.sum() + where_loss(where, targets)
 
 
 def field_accuracy(logits: list[torch.Tensor], targets: torch.Tensor) -> dict[str, float]:
-    """Held-out accuracy per kind of fact; the asset code also as an exact match of all six characters;
-    ``where``: the where head's best patch is the fact's own or touches it (a glyph or a cell centre on
-    a patch border is drawn in both), over every present fact."""
-    *logits, where = logits
+    """Held-out accuracy per kind of fact (code letters and digits apart); the asset code also as an exact
+    match of all six characters; ``code_false_glyph``: share of the other facts' patches where some glyph
+    logit is above zero; ``where``: the where head's best patch is the fact's own or touches it (a glyph
+    or a cell centre on a patch border is drawn in both), over every present fact; ``code_pooled`` and
+    ``code_pooled_exact``: the code read from the tokens the seeded projector pools."""
+    *logits, elsewhere, pooled, where = logits
     present = targets[:, :, 1] != IGNORE
     grid = math.isqrt(where.shape[1])
     best, truth = where.argmax(1), targets[:, :, 0]
@@ -160,11 +203,17 @@ def field_accuracy(logits: list[torch.Tensor], targets: torch.Tensor) -> dict[st
     for i, ((name, _), spot_logits) in enumerate(zip(SPOTS, logits, strict=True)):
         labels, predicted = targets[:, i, 1], spot_logits.argmax(-1)
         hit = (predicted - labels).abs() <= 5 if name == "gauge" else predicted == labels
-        hits.setdefault(name, []).append(hit[labels != IGNORE])
-        if name.startswith("code"):
+        if name == "code":
+            name = "code_letter" if i < 2 else "code_dash" if i == 2 else "code_digit"
             code_hits.append(hit)
+        hits.setdefault(name, []).append(hit[labels != IGNORE])
     result = {kind: float(torch.cat(h).float().mean()) for kind, h in hits.items()}
     result["code_exact"] = float(torch.stack(code_hits).all(0).float().mean())
+    other_present = targets[:, len(CODE_SLOTS):, 1] != IGNORE
+    result["code_false_glyph"] = float((elsewhere[other_present].max(-1).values > 0).float().mean())
+    pooled_hits = pooled.argmax(-1) == targets[:, :len(CODE_SLOTS), 1]
+    result["code_pooled"] = float(pooled_hits.float().mean())
+    result["code_pooled_exact"] = float(pooled_hits.all(1).float().mean())
     return result
 
 
@@ -205,36 +254,20 @@ def zero_residual_branches(vision_model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def mean_patch_token(vision_model: nn.Module, pixels: torch.Tensor, batch_size: int = 100) -> torch.Tensor:
-    """The mean of the last layer's patch tokens over ``pixels``.
+def seed_query_projector(projector: QueryPoolProjector, heads: SpotHeads) -> None:
+    """Start a ``query_pool_mlp`` projector's pooling from the where head the tower's training taught.
 
-    The residual stream of a tower trained from scratch carries a large component shared by every
-    token (measured: norm ~18 against a spread of ~1.5 between tokens); a projector reading it has to
-    cancel that offset first, and stage 1 stalled on it. The recipe folds it into the projector's
-    first bias instead, so the tower stays exactly as trained (its fact heads read it as it is).
-    """
-    total, count = 0, 0
-    for i in range(0, len(pixels), batch_size):
-        tokens = vision_model(pixel_values=pixels[i:i + batch_size]).last_hidden_state[:, 1:]
-        total, count = total + tokens.sum((0, 1)), count + tokens.shape[0] * tokens.shape[1]
-    return total / count
-
-
-@torch.no_grad()
-def seed_query_projector(projector: QueryPoolProjector, heads: SpotHeads, mean_token: torch.Tensor) -> None:
-    """Start a ``query_pool_mlp`` projector from what the tower's training taught its heads.
-
-    Query i is the where head's score "fact i is drawn in this patch", so visual token i starts as the
-    patch showing fact i (the i-th entry of ``SPOTS``), wherever the camera put it; the mean patch
-    token is subtracted through the MLP's first bias. The LM then has one fact per token, always at the
-    same place in the sequence, instead of having to search 64 tokens for it.
+    Query i is the where head's score "fact i is drawn in this patch" (sharpened by ``POOL_SHARPNESS``),
+    so visual token i starts as the patch showing fact i (the i-th entry of ``SPOTS``), wherever the
+    camera put it; the norm is the heads' own, so the pooled tokens are what the code head was also
+    trained to read (``read_pooled_code``). ``vlm.demo.twin.distil_projector`` trains the rest.
     """
     if projector.scores.out_features != len(SPOTS):
         raise ValueError(f"the projector has {projector.scores.out_features} queries; seeding it from the "
                          f"where head needs one per fact ({len(SPOTS)})")
     projector.norm.load_state_dict(heads.token_norm.state_dict())
-    projector.scores.load_state_dict(heads.where.state_dict())
-    projector.mlp.linear_1.bias -= projector.mlp.linear_1.weight @ mean_token
+    projector.scores.weight.copy_(POOL_SHARPNESS * heads.where.weight)
+    projector.scores.bias.copy_(POOL_SHARPNESS * heads.where.bias)
 
 
 def image_processor(spec: TowerSpec) -> CLIPImageProcessorPil:
@@ -333,6 +366,12 @@ def train_tower(pixels: torch.Tensor, captions: list[str], targets: torch.Tensor
     return model.eval(), history
 
 
+def pooled_code_logits(heads: SpotHeads, tokens: torch.Tensor) -> torch.Tensor:
+    """The code head on what the seeded projector's code queries pool: ``[images, 7, glyphs]``."""
+    normed = heads.token_norm(tokens)
+    return heads.read_pooled_code(normed, heads.where(normed))
+
+
 @torch.no_grad()
 def evaluate_fields(model: Contrastive, pixels: torch.Tensor, targets: torch.Tensor,
                     batch_size: int = 100) -> dict[str, float]:
@@ -402,8 +441,19 @@ def zero_shot(clip: CLIPModel, tokenizer, pixels: torch.Tensor, reports: list[di
     return result
 
 
+HEADS_FILE = "fact_heads.safetensors"
+
+
 def save_tower(model: Contrastive, spec: TowerSpec, out_dir: str | Path) -> Path:
-    """The whole CLIPModel (its text half is kept for zero-shot scoring) and the image processor beside it."""
+    """The whole CLIPModel (its text half is kept for zero-shot scoring), the image processor, and the
+    fact heads (``HEADS_FILE``: the projector is seeded from them) beside it."""
     model.clip.save_pretrained(out_dir)
     image_processor(spec).save_pretrained(out_dir)
+    save_file(model.heads.state_dict(), Path(out_dir) / HEADS_FILE)
     return Path(out_dir)
+
+
+def load_heads(tower_dir: str | Path, width: int) -> SpotHeads:
+    heads = SpotHeads(width)
+    heads.load_state_dict(load_file(Path(tower_dir) / HEADS_FILE))
+    return heads.eval()

@@ -24,22 +24,31 @@ from pathlib import Path
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from vlm.config import load_config
 from vlm.demo.contrastive import (
     TowerSpec,
     evaluate_fields,
     image_processor,
-    mean_patch_token,
+    load_heads,
     save_tower,
     seed_query_projector,
     spot_targets,
     train_tower,
     zero_shot,
 )
-from vlm.demo.lm import corpus_texts, pretrain_lm, train_tokenizer
+from vlm.demo.lm import (
+    copy_accuracy,
+    corpus_texts,
+    panel_reports,
+    panel_twins,
+    pretrain_lm,
+    train_tokenizer,
+    tune_until_it_copies,
+)
 from vlm.demo.score import score
+from vlm.demo.twin import distil_projector, twin_accuracy, twin_token_ids, twin_vocabulary
 from vlm.synth import write_dataset
 from vlm.synth.panels import generate_panel
 
@@ -57,27 +66,35 @@ class Budget:
     n_train: int = 20000  # code letters after 500 tower steps: 39% (20,000 panels, shared heads), 9% (5,000, per slot)
     n_eval: int = 200
     vocab_size: int = 1024
-    lm_steps: int = 400
+    lm_steps: int = 1500
+    lm_instruct_steps: int = 2500  # replies only: the LM learns to answer from the twin (see lm_instruct_records)
+    lm_instruct_more_steps: int = 1000  # further rounds until it does (vlm.demo.lm.tune_until_it_copies)
+    lm_instruct_rounds: int = 3
     lm_hidden: int = 128
     lm_layers: int = 4
     compare_steps: int = 100  # per loss, for the CLIP-vs-SigLIP measurement
     tower_steps: int = 6000
-    tower_minutes: float | None = 24  # the tower stops at whichever comes first: the CPU is shared
+    tower_minutes: float | None = 32  # the tower stops at whichever comes first: the CPU is shared
     tower_batch: int = 32
     tower_lr: float = 2e-3
+    distil_steps: int = 2000  # 75 s; nearest twin token right for 54% of code letters on held-out panels
+    distil_panels: int | None = 10000  # the tower's features of 20,000 panels take 4 min to compute here
     align_steps: int = 300
-    instruct_steps: int = 3000
+    instruct_steps: int = 1000
     long_answer_share: float = 0.1  # of the detailed descriptions and JSON reports kept for stage 2
     eval_limit: int | None = None
 
 
-QUICK = Budget(n_train=48, n_eval=4, vocab_size=400, lm_steps=4, lm_hidden=64, lm_layers=2, compare_steps=2,
-               tower_steps=3, tower_minutes=None, tower_batch=16, align_steps=2, instruct_steps=2, long_answer_share=1.0)
+QUICK = Budget(n_train=48, n_eval=4, vocab_size=640, lm_steps=4, lm_instruct_steps=2, lm_instruct_more_steps=2,
+               lm_instruct_rounds=2, lm_hidden=64, lm_layers=2, compare_steps=2, tower_steps=3, tower_minutes=None,
+               tower_batch=16, distil_steps=2, align_steps=2, instruct_steps=2, long_answer_share=1.0)
 # 128 px is vlm.synth's minimum and the code is still legible by eye there (glyphs ~7x10 px). Measured with
 # the per-patch fact heads (vlm.demo.probe, 700 steps of 32, same panels): 16-px patches hold two code
 # characters each and stayed near chance (letters 8%, digits 15%); 8-px patches reached 26% and 54% and
-# were still climbing, at 5x the time per step. So 8-px patches, merged 2x2 by the projector: 64 LM tokens.
-SPEC = TowerSpec(image_size=128, patch_size=8, width=64, layers=6, text_width=64, text_layers=2, embed_dim=64)
+# were still climbing, at 5x the time per step. So 8-px patches. Width 128 reads faster per second than 64
+# though each step takes 2.6x as long: after 9.2 min, letters 42% / digits 66% (500 steps) against 30% / 54%
+# (1,250 steps of width 64, 10 min).
+SPEC = TowerSpec(image_size=128, patch_size=8, width=128, layers=6, text_width=64, text_layers=2, embed_dim=64)
 QUICK_SPEC = TowerSpec(image_size=128, patch_size=32, width=64, layers=1, text_width=64, text_layers=1, embed_dim=32)
 
 
@@ -121,9 +138,11 @@ def plot(history: list[dict], keys: list[str], path: Path, title: str) -> None:
     pyplot.close(figure)
 
 
-def load_panels(data_dir: Path, spec: TowerSpec) -> tuple[torch.Tensor, list[str], torch.Tensor, list[dict]]:
-    """Pixels (through the tower's own image processor), stage-1 captions, field targets and reports."""
-    metas = [json.loads(line) for line in (data_dir / "meta.jsonl").read_text().splitlines() if line]
+def load_panels(data_dir: Path, spec: TowerSpec,
+                limit: int | None = None) -> tuple[torch.Tensor, list[str], torch.Tensor, list[dict]]:
+    """Pixels (through the tower's own image processor), stage-1 captions, field targets and reports of the
+    first ``limit`` panels."""
+    metas = [json.loads(line) for line in (data_dir / "meta.jsonl").read_text().splitlines() if line][:limit]
     captions = {c["id"]: c["conversations"][-1]["value"] for c in json.loads((data_dir / "captions.json").read_text())}
     processor = image_processor(spec)
     chunks = []
@@ -134,6 +153,17 @@ def load_panels(data_dir: Path, spec: TowerSpec) -> tuple[torch.Tensor, list[str
     grid = spec.image_size // spec.patch_size  # panels are written at the tower's size: layout pixels are its pixels
     targets = [spot_targets(m["report"], m["camera"]["layout"], spec.patch_size, grid) for m in metas]
     return torch.cat(chunks), [captions[m["id"]] for m in metas], torch.tensor(targets), reports
+
+
+@torch.no_grad()
+def panel_features(model, data_dir: Path, spec: TowerSpec, limit: int | None = None,
+                   batch_size: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frozen tower's features of a synth folder's first ``limit`` panels as the VLM computes them
+    (fp16, to halve their memory), and their ``spot_targets``."""
+    pixels, _, targets, _ = load_panels(data_dir, spec, limit)
+    chunks = [model.vision_tower(pixels[i:i + batch_size]).half()
+              for i in tqdm(range(0, len(pixels), batch_size), desc="tower features", unit="batch")]
+    return torch.cat(chunks), targets
 
 
 def stage2_records(data_dir: Path, share: float, seed: int) -> Path:
@@ -153,6 +183,25 @@ def stage2_records(data_dir: Path, share: float, seed: int) -> Path:
     return path
 
 
+def lm_instruct_records(data_dir: Path) -> Path:
+    """The LM's instruction tuning: every eval-style question of every panel as a one-turn chat, the
+    asset-code question twice (a quarter of the records).
+
+    Measured from text, held-out panels: 2,000 steps of these took the LM from 0% to 100% of codes
+    copied from the tag's print (97 s); 600 steps of the all-questions records (each asks for the code
+    once, among six other questions) or of the stage-2 mixture left it at 0%.
+    """
+    records = []
+    for line in (data_dir / "questions.jsonl").read_text().splitlines():
+        question = json.loads(line)
+        record = {"id": question["question_id"], "image": question["image"], "conversations": [
+            {"from": "human", "value": "<image>\n" + question["text"]}, {"from": "gpt", "value": question["answer"]}]}
+        records += [record] * (2 if question["category"] == "asset_code" else 1)
+    path = data_dir / "lm_instruct.json"
+    path.write_text(json.dumps(records) + "\n")
+    return path
+
+
 def save_fp16(model, processor, out: Path) -> None:
     """Weights in fp16 (half the bytes); the config keeps dtype float32, so loading casts them back up."""
     staging = out.with_name(out.name + ".partial")
@@ -166,11 +215,22 @@ def folder_megabytes(path: Path) -> float:
     return round(sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20, 2)
 
 
-def _pretrain_lm_job(train_dir: Path, lm_dir: Path, budget: Budget, threads: int) -> dict:
+def _pretrain_lm_job(train_dir: Path, eval_dir: Path, lm_dir: Path, budget: Budget, threads: int) -> dict:
+    """Pretraining, then instruction tuning until it copies the code from the twin: how an instruct LLM is made."""
     torch.set_num_threads(threads)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(lm_dir)
-    return pretrain_lm(corpus_texts(train_dir, tokenizer), tokenizer, lm_dir, steps=budget.lm_steps,
-                       hidden_size=budget.lm_hidden, layers=budget.lm_layers)
+    result = pretrain_lm(corpus_texts(train_dir, tokenizer), tokenizer, lm_dir, steps=budget.lm_steps,
+                         hidden_size=budget.lm_hidden, layers=budget.lm_layers)
+    return result | _instruct_lm(train_dir, eval_dir, lm_dir, tokenizer, budget, rounds_done=0)
+
+
+def _instruct_lm(train_dir: Path, eval_dir: Path, lm_dir: Path, tokenizer, budget: Budget, rounds_done: int) -> dict:
+    rounds = tune_until_it_copies(train_dir, train_dir / "lm_instruct.json", tokenizer, lm_dir, budget.lm_instruct_steps,
+                                  budget.lm_instruct_more_steps, budget.lm_instruct_rounds, rounds_done=rounds_done)
+    model = AutoModelForCausalLM.from_pretrained(lm_dir)
+    return {"instruction_rounds": rounds,
+            "copies_held_out_codes_from_text": copy_accuracy(model, tokenizer, panel_reports(eval_dir, budget.n_eval)),
+            "held_out_from_true_twins": score(model, tokenizer, eval_dir, budget.eval_limit, twins=panel_twins(eval_dir))}
 
 
 def _short_tower(train: tuple, held_out: tuple, tokenizer, spec: TowerSpec, loss: str, budget: Budget) -> dict:
@@ -189,10 +249,6 @@ def _short_tower_job(train_dir: Path, eval_dir: Path, tokenizer_dir: Path, spec:
 
 
 def build(out: Path, work: Path, quick: bool = False, example: Path | None = None) -> dict:
-    from vlm.merge import merge
-    from vlm.model import build_vlm, load_pretrained
-    from vlm.train.loop import train
-
     budget, spec = (QUICK, QUICK_SPEC) if quick else (Budget(), SPEC)
     work.mkdir(parents=True, exist_ok=True)
     recipe = Recipe(work)
@@ -205,6 +261,7 @@ def build(out: Path, work: Path, quick: bool = False, example: Path | None = Non
         write_dataset(train_dir, budget.n_train, TRAIN_SEED, spec.image_size)
         write_dataset(eval_dir, budget.n_eval, EVAL_SEED, spec.image_size)
         stage2_records(train_dir, budget.long_answer_share, TRAIN_SEED)
+        lm_instruct_records(train_dir)
 
     with recipe.step("tokenizer"):
         tokenizer = train_tokenizer(corpus_texts(train_dir), work / "lm", budget.vocab_size)
@@ -215,7 +272,7 @@ def build(out: Path, work: Path, quick: bool = False, example: Path | None = Non
     share = max(1, cores // 2)
     torch.set_num_threads(share)
     pool = ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn"))
-    lm_job = pool.submit(_pretrain_lm_job, train_dir, work / "lm", budget, share)
+    lm_job = pool.submit(_pretrain_lm_job, train_dir, eval_dir, work / "lm", budget, share)
     siglip_job = pool.submit(_short_tower_job, train_dir, eval_dir, work / "lm", spec, "siglip", budget, share)
 
     def all_cores_once_lm_is_done() -> None:
@@ -244,8 +301,6 @@ def build(out: Path, work: Path, quick: bool = False, example: Path | None = Non
                             "held_out_curve": [{"step": h["step"], **h["held_out"]} for h in history if "held_out" in h],
                             "zero_shot": zero_shot(model.clip, tokenizer, eval_pixels, eval_reports),
                             "field_heads_heldout": evaluate_fields(model, eval_pixels, eval_targets)}
-        mean_token = mean_patch_token(model.clip.vision_model, pixels[:500])
-        metrics["tower"]["mean_patch_token_norm"] = mean_token.norm().item()
         save_tower(model, spec, work / "tower")
         heads = model.heads
         del model, pixels
@@ -258,13 +313,38 @@ def build(out: Path, work: Path, quick: bool = False, example: Path | None = Non
         metrics["language_model"] = {k: v for k, v in result.items() if k != "history"} | {
             "final_loss": sum(h["loss"] for h in result["history"][-20:]) / len(result["history"][-20:])}
 
+    run_stages(recipe, out, budget, spec, heads, example)
+    recipe.save()
+    return recipe.record
+
+
+def run_stages(recipe: Recipe, out: Path, budget: Budget, spec: TowerSpec, heads, example: Path | None) -> None:
+    """Seed the projector, stage 1, stage 2, merge and save, with the held-out scores before and after."""
+    from vlm.merge import merge
+    from vlm.model import build_vlm, load_pretrained
+    from vlm.train.loop import train
+
+    work, metrics = recipe.work, recipe.record["metrics"]
+    train_dir, eval_dir = work / "data" / "train", work / "data" / "eval"
     paths = [f"model.vision_tower={work / 'tower'}", f"model.language_model={work / 'lm'}",
              f"data.image_folder={train_dir}", f"data.cache_dir={work / 'feature_cache'}"]
-    with recipe.step("eval_before_stage1"):
+    with recipe.step("distil_projector"):
         torch.manual_seed(0)
         model, processor = build_vlm(load_config(CONFIGS / "demo-align.yaml", paths).model)
-        seed_query_projector(model.projector, heads, mean_token)
+        seed_query_projector(model.projector, heads)
+        features, targets = panel_features(model, train_dir, spec, budget.distil_panels)
+        eval_features, eval_targets = panel_features(model, eval_dir, spec)
+        embeddings = model.language_model.get_input_embeddings().weight.detach()
+        vocabulary = twin_vocabulary(processor.tokenizer)
+        twins, eval_twins = (twin_token_ids(processor.tokenizer, t) for t in (targets, eval_targets))
+        history = distil_projector(model.projector, features, twins, embeddings, vocabulary, budget.distil_steps)
+        del features
+        plot(history, ["loss", "which", "distance"], work / "loss_distil.png", "projector distilled to the twin")
+        metrics["distil_projector"] = {"steps": len(history), "seconds": history[-1]["seconds"],
+                                       "held_out": twin_accuracy(model.projector, eval_features, eval_twins,
+                                                                 embeddings, vocabulary)}
         model.save_pretrained(work / "init", processor, full=False)  # stage 1 starts here
+    with recipe.step("eval_before_stage1"):
         metrics["before_stage1"] = score(model, processor, eval_dir, budget.eval_limit, desc="eval before stage 1",
                                          answers_file=work / "answers_before_stage1.jsonl")
 
@@ -302,6 +382,23 @@ def build(out: Path, work: Path, quick: bool = False, example: Path | None = Non
                                     pad_token_id=processor.tokenizer.pad_token_id)
             metrics["example"] = {"path": str(example), "truth": truth["asset_code"],
                                   "answer": processor.batch_decode(answer[:, inputs["input_ids"].shape[1]:])[0]}
+
+
+def stages(out: Path, work: Path, example: Path | None = None) -> dict:
+    """Rerun a build's last part from its work folder: the LM's instruction rounds where it does not copy
+    yet, then ``run_stages``. Data, tokenizer, LM pretraining and the tower are taken as the build left them."""
+    recipe = Recipe(work)
+    recipe.record = json.loads((work / "recipe.json").read_text())
+    recipe.record.setdefault("reruns", []).append({"after": dict(recipe.record["steps"])})
+    budget, spec = Budget(**recipe.record["budget"]), TowerSpec(**recipe.record["tower"])
+    metrics = recipe.record["metrics"]
+    train_dir, eval_dir = work / "data" / "train", work / "data" / "eval"
+    with recipe.step("language_model_more_rounds"):
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(work / "lm")
+        done = sum(1 for r in metrics["language_model"].get("instruction_rounds", []) if r["steps"])
+        more = _instruct_lm(train_dir, eval_dir, work / "lm", tokenizer, budget, rounds_done=done)
+        metrics["language_model"]["instruction_rounds"] += more.pop("instruction_rounds")[1:]
+        metrics["language_model"].update(more)
+    run_stages(recipe, out, budget, spec, load_heads(work / "tower", spec.width), example)
     recipe.save()
     return recipe.record
-

@@ -53,14 +53,39 @@ def answer_questions(model, processor, questions: list[dict], image_folder: Path
     return answers
 
 
+@torch.no_grad()
+def answer_from_twins(language_model, tokenizer, questions: list[dict], twins: dict[str, str], batch_size: int = 100,
+                      max_new_tokens: int = 12, desc: str = "eval from twins") -> list[str]:
+    """The bare LM's greedy short answers with each panel's true text twin (``vlm.demo.twin``) where the
+    image goes: what it could answer if the projector wrote every twin token exactly."""
+    tokenizer.padding_side = "left"
+    answers = []
+    for start in tqdm(range(0, len(questions), batch_size), desc=desc, unit="batch"):
+        batch = questions[start:start + batch_size]
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": twins[q["image"]] + "\n" + q["text"]}],
+                                                 tokenize=False, add_generation_prompt=True) for q in batch]
+        inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        out = language_model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                      pad_token_id=tokenizer.pad_token_id)
+        answers += tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    return answers
+
+
 def score(model, processor, data_dir: str | Path, limit: int | None = None, desc: str = "eval",
-          answers_file: str | Path | None = None) -> dict[str, float]:
-    """Accuracy per category (fractions), plus ``n_<category>`` counts; answers optionally written as JSONL."""
+          answers_file: str | Path | None = None, twins: dict[str, str] | None = None) -> dict[str, float]:
+    """Accuracy per category (fractions), plus ``n_<category>`` counts; answers optionally written as JSONL.
+
+    With ``twins``, ``model`` is a bare LM, ``processor`` its tokenizer, and the panels' twins stand
+    for the images (``answer_from_twins``).
+    """
     data_dir = Path(data_dir)
     questions = [json.loads(line) for line in (data_dir / "questions.jsonl").read_text().splitlines() if line]
     questions = questions[:limit] if limit else questions
     model.eval()
-    answers = answer_questions(model, processor, questions, data_dir, desc=desc)
+    if twins is None:
+        answers = answer_questions(model, processor, questions, data_dir, desc=desc)
+    else:
+        answers = answer_from_twins(model, processor, questions, twins, desc=desc)
     hits: dict[str, list[bool]] = {}
     for question, answer in zip(questions, answers, strict=True):
         for category, right in judge(question["category"], question["answer"], answer).items():
