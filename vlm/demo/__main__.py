@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     build.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                        help="cores to use (default: all); jobs that run side by side split them")
     rerun = commands.add_parser("stages", help="rerun a build's last part from its work folder: the LM's "
-                                "instruction rounds where it does not copy yet, projector seeding, stages 1-2")
+                                "instruction rounds where it does not copy yet, projector distillation, stages 1-2")
     rerun.add_argument("--out", type=Path, default=Path("models/demo"), help="final model folder")
     rerun.add_argument("--work", type=Path, default=Path("runs/demo"), help="the build's work folder")
     rerun.add_argument("--example", type=Path, default=None, help="as for build")

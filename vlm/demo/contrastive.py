@@ -42,12 +42,12 @@ GLYPHS = CODE_LETTERS + DIGITS + "-"  # the characters an asset code is printed 
 CODE_SLOTS = tuple(range(7))  # every character of "AB-1234", the dash too: the LM copies the print as it is
 MAX_LAMPS = 4
 # One entry per fact: (head, classes). Facts of one kind share a head: a glyph looks the same in every
-# slot of the code, so one classifier reads all six characters (with 20,000 panels: letters 39% after
+# slot of the code, so one classifier reads all seven characters (the dash too) (with 20,000 panels: letters 39% after
 # 500 steps with a head per kind of character; per slot on 5,000 panels: 9%).
 SPOTS = ([("code", len(GLYPHS))] * len(CODE_SLOTS) + [("lamp", 2 * len(LAMP_LABELS))] * MAX_LAMPS
          + [("gauge", 101), ("warning", 2)] + [("damage", 1 + len(DAMAGE_TYPES))] * len(LOCATIONS))
 HEADS = dict(SPOTS)
-CODE_WEIGHT = 2.0  # the code needs all six characters right: its reading weighs double among the facts
+CODE_WEIGHT = 2.0  # the code needs all seven characters right: its reading weighs double among the facts
 GAUGE_SIGMA = 1.5  # gauge targets are soft: 42 vs 43 is a near miss, not a wrong class
 # The projector pools with the where head's scores times this: the softmax then sits on the fact's own
 # patch instead of spreading over its neighbours (a code character's neighbours are other characters).
@@ -189,7 +189,7 @@ def field_loss(logits: list[torch.Tensor], targets: torch.Tensor) -> torch.Tenso
 
 def field_accuracy(logits: list[torch.Tensor], targets: torch.Tensor) -> dict[str, float]:
     """Held-out accuracy per kind of fact (code letters and digits apart); the asset code also as an exact
-    match of all six characters; ``code_false_glyph``: share of the other facts' patches where some glyph
+    match of all seven characters; ``code_false_glyph``: share of the other facts' patches where some glyph
     logit is above zero; ``where``: the where head's best patch is the fact's own or touches it (a glyph
     or a cell centre on a patch border is drawn in both), over every present fact; ``code_pooled`` and
     ``code_pooled_exact``: the code read from the tokens the seeded projector pools."""
@@ -364,12 +364,6 @@ def train_tower(pixels: torch.Tensor, captions: list[str], targets: torch.Tensor
         if max_seconds is not None and time.perf_counter() - started > max_seconds:
             break
     return model.eval(), history
-
-
-def pooled_code_logits(heads: SpotHeads, tokens: torch.Tensor) -> torch.Tensor:
-    """The code head on what the seeded projector's code queries pool: ``[images, 7, glyphs]``."""
-    normed = heads.token_norm(tokens)
-    return heads.read_pooled_code(normed, heads.where(normed))
 
 
 @torch.no_grad()
