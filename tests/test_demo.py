@@ -393,10 +393,12 @@ def test_quick_recipe_end_to_end(tmp_path, capsys):
     assert main(["build", "--quick", "--out", str(tmp_path / "model"), "--work", str(tmp_path / "work"),
                  "--example", str(tmp_path / "panel.jpg"), "--threads", str(torch.get_num_threads())]) == 0
     record = json.loads((tmp_path / "work" / "recipe.json").read_text())
-    assert {"data", "tokenizer", "tower_loss_choice", "tower", "stage1_align", "stage2_instruct",
+    assert {"data", "tokenizer", "tower", "distil_projector", "stage1_align", "stage2_instruct",
             "merge_and_save", "eval_after_stage2"} <= set(record["steps"])
     metrics = record["metrics"]
-    assert metrics["tower_loss_choice"]["chosen"] in ("clip", "siglip")
+    assert metrics["tower"]["loss"] == "siglip" and set(metrics["tower"]["zero_shot"]) >= {"retrieval", "asset_code"}
+    assert set(metrics["distil_projector"]["held_out"]) >= {"code_letter", "damage"}
+    assert {"lamp", "asset_code"} <= set(metrics["language_model"]["held_out_from_true_twins"])
     for stage in ("before_stage1", "after_stage1", "after_stage2"):
         assert {"lamp", "asset_code", "action", "gauge_within_5", "damage_present"} <= set(metrics[stage])
     for png in ("loss_lm.png", "loss_tower.png", "align/loss.png", "instruct/loss.png"):

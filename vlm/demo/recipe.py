@@ -2,7 +2,7 @@
 
 1. data: ``vlm.synth`` panels, training seed ``TRAIN_SEED``, held-out seed ``EVAL_SEED``;
 2. tokenizer + small Qwen2 LM pretrained on the corpus text (the "downloaded LLM");
-3. CLIP tower trained on image-caption pairs (CLIP vs SigLIP loss chosen by a short equal-budget run);
+3. CLIP tower trained on image-caption pairs (SigLIP loss: it taught the reading faster, see ``Budget``);
 4. stage 1 (projector) and stage 2 (LoRA + projector) with the project's trainer, tower frozen;
 5. merge, save in fp16 (loaded as fp32), score on held-out panels before/after each stage.
 
@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from vlm.config import load_config
+from vlm.data.cache import FeatureCache, record_image_key
 from vlm.demo.contrastive import (
     TowerSpec,
     evaluate_fields,
@@ -72,13 +73,20 @@ class Budget:
     lm_instruct_rounds: int = 3
     lm_hidden: int = 128
     lm_layers: int = 4
-    compare_steps: int = 100  # per loss, for the CLIP-vs-SigLIP measurement
-    tower_steps: int = 6000
-    tower_minutes: float | None = 32  # the tower stops at whichever comes first: the CPU is shared
+    # SigLIP's sigmoid loss: held-out code letters / digits by the fact heads after 250, 500 and 1,000 steps
+    # were 12 / 34, 27 / 53 and 48 / 68% with it, against 7 / 24, 14 / 39 and 32 / 55% with CLIP's
+    # softmax loss (and 7 / 30% at 250 steps in a second CLIP build). Equal 100-step runs scored by
+    # zero-shot caption checks, the earlier criterion, flipped between builds (means 0.437 vs 0.404
+    # for CLIP, then 0.409 vs 0.437): noise at that budget, where the reading is not.
+    tower_loss: str = "siglip"
+    # A step count, so that a slower LM beside it cannot shorten the tower's schedule (one build's tower
+    # got 2,323 steps in 36 min, another 2,475 in 32); the minutes are a cap that keeps the recipe in an hour.
+    tower_steps: int = 3200
+    tower_minutes: float | None = 44
     tower_batch: int = 32
     tower_lr: float = 2e-3
     distil_steps: int = 2000  # 75 s; nearest twin token right for 54% of code letters on held-out panels
-    distil_panels: int | None = 10000  # the tower's features of 20,000 panels take 4 min to compute here
+    distil_panels: int | None = None  # all: stage 1 needs the tower's features of every panel anyway
     align_steps: int = 300
     instruct_steps: int = 1000
     long_answer_share: float = 0.1  # of the detailed descriptions and JSON reports kept for stage 2
@@ -86,7 +94,7 @@ class Budget:
 
 
 QUICK = Budget(n_train=48, n_eval=4, vocab_size=640, lm_steps=4, lm_instruct_steps=2, lm_instruct_more_steps=2,
-               lm_instruct_rounds=2, lm_hidden=64, lm_layers=2, compare_steps=2, tower_steps=3, tower_minutes=None,
+               lm_instruct_rounds=2, lm_hidden=64, lm_layers=2, tower_steps=3, tower_minutes=None,
                tower_batch=16, distil_steps=2, align_steps=2, instruct_steps=2, long_answer_share=1.0)
 # 128 px is vlm.synth's minimum and the code is still legible by eye there (glyphs ~7x10 px). Measured with
 # the per-patch fact heads (vlm.demo.probe, 700 steps of 32, same panels): 16-px patches hold two code
@@ -138,32 +146,45 @@ def plot(history: list[dict], keys: list[str], path: Path, title: str) -> None:
     pyplot.close(figure)
 
 
+def panel_metas(data_dir: Path, limit: int | None = None) -> list[dict]:
+    return [json.loads(line) for line in (data_dir / "meta.jsonl").read_text().splitlines() if line][:limit]
+
+
+def panel_targets(metas: list[dict], spec: TowerSpec) -> torch.Tensor:
+    """``spot_targets`` of each panel: panels are written at the tower's size, so layout pixels are its pixels."""
+    grid = spec.image_size // spec.patch_size
+    return torch.tensor([spot_targets(m["report"], m["camera"]["layout"], spec.patch_size, grid) for m in metas])
+
+
 def load_panels(data_dir: Path, spec: TowerSpec,
                 limit: int | None = None) -> tuple[torch.Tensor, list[str], torch.Tensor, list[dict]]:
     """Pixels (through the tower's own image processor), stage-1 captions, field targets and reports of the
     first ``limit`` panels."""
-    metas = [json.loads(line) for line in (data_dir / "meta.jsonl").read_text().splitlines() if line][:limit]
+    metas = panel_metas(data_dir, limit)
     captions = {c["id"]: c["conversations"][-1]["value"] for c in json.loads((data_dir / "captions.json").read_text())}
     processor = image_processor(spec)
     chunks = []
     for start in tqdm(range(0, len(metas), 256), desc="pixels", unit="chunk"):
         images = [Image.open(data_dir / m["image"]).convert("RGB") for m in metas[start:start + 256]]
         chunks.append(processor(images, return_tensors="pt")["pixel_values"])
-    reports = [m["report"] for m in metas]
-    grid = spec.image_size // spec.patch_size  # panels are written at the tower's size: layout pixels are its pixels
-    targets = [spot_targets(m["report"], m["camera"]["layout"], spec.patch_size, grid) for m in metas]
-    return torch.cat(chunks), [captions[m["id"]] for m in metas], torch.tensor(targets), reports
+    return (torch.cat(chunks), [captions[m["id"]] for m in metas], panel_targets(metas, spec),
+            [m["report"] for m in metas])
 
 
-@torch.no_grad()
-def panel_features(model, data_dir: Path, spec: TowerSpec, limit: int | None = None,
-                   batch_size: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
-    """The frozen tower's features of a synth folder's first ``limit`` panels as the VLM computes them
-    (fp16, to halve their memory), and their ``spot_targets``."""
-    pixels, _, targets, _ = load_panels(data_dir, spec, limit)
-    chunks = [model.vision_tower(pixels[i:i + batch_size]).half()
-              for i in tqdm(range(0, len(pixels), batch_size), desc="tower features", unit="batch")]
-    return torch.cat(chunks), targets
+def panel_features(model, processor, data_dir: Path, spec: TowerSpec, cache_root: Path,
+                   limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frozen tower's features of a synth folder's first ``limit`` panels (fp16, to halve their
+    memory) and their ``spot_targets``.
+
+    They go through the trainer's feature cache, filled here for every panel of the folder: stage 1 then
+    finds it full instead of running the tower over the panels a second time.
+    """
+    metas = panel_metas(data_dir)
+    keys = [record_image_key(m["image"], data_dir) for m in metas]
+    cache = FeatureCache.build(model, processor, dict(zip(keys, (m["image"] for m in metas), strict=True)), data_dir,
+                               cache_root, batch_size=100)
+    features = torch.stack([cache[key].half() for key in tqdm(keys[:limit], desc="cached features", unit="panel")])
+    return features, panel_targets(metas[:limit], spec)
 
 
 def stage2_records(data_dir: Path, share: float, seed: int) -> Path:
@@ -233,21 +254,6 @@ def _instruct_lm(train_dir: Path, eval_dir: Path, lm_dir: Path, tokenizer, budge
             "held_out_from_true_twins": score(model, tokenizer, eval_dir, budget.eval_limit, twins=panel_twins(eval_dir))}
 
 
-def _short_tower(train: tuple, held_out: tuple, tokenizer, spec: TowerSpec, loss: str, budget: Budget) -> dict:
-    """Zero-shot caption scoring of a tower trained ``budget.compare_steps`` steps with ``loss``."""
-    pixels, captions, targets, _ = train
-    model, _ = train_tower(pixels, captions, targets, tokenizer, spec, loss=loss, steps=budget.compare_steps,
-                           batch_size=budget.tower_batch, lr=budget.tower_lr, desc=f"tower {loss} (short)")
-    return zero_shot(model.clip, tokenizer, held_out[0], held_out[3])
-
-
-def _short_tower_job(train_dir: Path, eval_dir: Path, tokenizer_dir: Path, spec: TowerSpec, loss: str, budget: Budget,
-                     threads: int) -> dict:
-    torch.set_num_threads(threads)
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
-    return _short_tower(load_panels(train_dir, spec), load_panels(eval_dir, spec), tokenizer, spec, loss, budget)
-
-
 def build(out: Path, work: Path, quick: bool = False, example: Path | None = None) -> dict:
     budget, spec = (QUICK, QUICK_SPEC) if quick else (Budget(), SPEC)
     work.mkdir(parents=True, exist_ok=True)
@@ -266,38 +272,30 @@ def build(out: Path, work: Path, quick: bool = False, example: Path | None = Non
     with recipe.step("tokenizer"):
         tokenizer = train_tokenizer(corpus_texts(train_dir), work / "lm", budget.vocab_size)
 
-    # The LM and the short SigLIP run need nothing from the tower's step: each runs in its own process,
-    # on its share of the cores; the tower takes them all back once the LM is done.
+    # The LM needs nothing from the tower's step: it runs in its own process on its share of the cores;
+    # the tower takes them all back once the LM is done.
     cores = torch.get_num_threads()
     share = max(1, cores // 2)
     torch.set_num_threads(share)
-    pool = ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn"))
+    pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
     lm_job = pool.submit(_pretrain_lm_job, train_dir, eval_dir, work / "lm", budget, share)
-    siglip_job = pool.submit(_short_tower_job, train_dir, eval_dir, work / "lm", spec, "siglip", budget, share)
 
     def all_cores_once_lm_is_done() -> None:
         if lm_job.done() and torch.get_num_threads() < cores:
             torch.set_num_threads(cores)
-    with recipe.step("tower_loss_choice"):
-        # Equal short budgets, same seed and data: which loss makes captions score right sooner?
-        train_panels, eval_panels = load_panels(train_dir, spec), load_panels(eval_dir, spec)
-        choice = {"clip": _short_tower(train_panels, eval_panels, tokenizer, spec, "clip", budget),
-                  "siglip": siglip_job.result()}
-        mean = {loss: sum(r.values()) / len(r) for loss, r in choice.items()}
-        chosen = max(mean, key=mean.get)
-        metrics["tower_loss_choice"] = {"zero_shot": choice, "mean": mean, "chosen": chosen,
-                                        "steps_each": budget.compare_steps}
-        (pixels, captions, targets, _), (eval_pixels, _, eval_targets, eval_reports) = train_panels, eval_panels
-        del train_panels
+    with recipe.step("pixels"):
+        (pixels, captions, targets, _), (eval_pixels, _, eval_targets, eval_reports) = \
+            load_panels(train_dir, spec), load_panels(eval_dir, spec)
 
     with recipe.step("tower"):
         minutes = budget.tower_minutes
-        model, history = train_tower(pixels, captions, targets, tokenizer, spec, loss=chosen, steps=budget.tower_steps,
+        loss = budget.tower_loss
+        model, history = train_tower(pixels, captions, targets, tokenizer, spec, loss=loss, steps=budget.tower_steps,
                                      max_seconds=minutes and 60 * minutes, batch_size=budget.tower_batch,
-                                     lr=budget.tower_lr, desc=f"tower {chosen}", held_out=(eval_pixels, eval_targets),
+                                     lr=budget.tower_lr, desc=f"tower {loss}", held_out=(eval_pixels, eval_targets),
                                      before_step=all_cores_once_lm_is_done)
-        plot(history, ["loss", "contrastive", "fields"], work / "loss_tower.png", f"tower ({chosen} + caption fields)")
-        metrics["tower"] = {"loss": chosen, "steps": len(history), "images_seen": len(history) * budget.tower_batch,
+        plot(history, ["loss", "contrastive", "fields"], work / "loss_tower.png", f"tower ({loss} + caption fields)")
+        metrics["tower"] = {"loss": loss, "steps": len(history), "images_seen": len(history) * budget.tower_batch,
                             "held_out_curve": [{"step": h["step"], **h["held_out"]} for h in history if "held_out" in h],
                             "zero_shot": zero_shot(model.clip, tokenizer, eval_pixels, eval_reports),
                             "field_heads_heldout": evaluate_fields(model, eval_pixels, eval_targets)}
@@ -332,8 +330,9 @@ def run_stages(recipe: Recipe, out: Path, budget: Budget, spec: TowerSpec, heads
         torch.manual_seed(0)
         model, processor = build_vlm(load_config(CONFIGS / "demo-align.yaml", paths).model)
         seed_query_projector(model.projector, heads)
-        features, targets = panel_features(model, train_dir, spec, budget.distil_panels)
-        eval_features, eval_targets = panel_features(model, eval_dir, spec)
+        cache_root = work / "feature_cache"
+        features, targets = panel_features(model, processor, train_dir, spec, cache_root, budget.distil_panels)
+        eval_features, eval_targets = panel_features(model, processor, eval_dir, spec, cache_root)
         embeddings = model.language_model.get_input_embeddings().weight.detach()
         vocabulary = twin_vocabulary(processor.tokenizer)
         twins, eval_twins = (twin_token_ids(processor.tokenizer, t) for t in (targets, eval_targets))

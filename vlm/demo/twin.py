@@ -86,13 +86,13 @@ def distil_projector(projector: QueryPoolProjector, features: torch.Tensor, twin
         tokens, wanted = projector(features[index].to(table.dtype)), labels[index]
         which = F.cross_entropy((tokens @ table.T).flatten(0, 1), wanted.flatten())
         target = table[wanted]
-        where = ((tokens - target) ** 2).sum(-1).div(target.pow(2).sum(-1)).mean()
-        (which + where).backward()
+        distance = ((tokens - target) ** 2).sum(-1).div(target.pow(2).sum(-1)).mean()
+        (which + distance).backward()
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        history.append({"step": step + 1, "loss": which.item() + where.item(), "which": which.item(),
-                        "distance": where.item()})
+        history.append({"step": step + 1, "loss": which.item() + distance.item(), "which": which.item(),
+                        "distance": distance.item()})
         bar.set_postfix(loss=f"{history[-1]['loss']:.3f}")
     projector.eval()
     history[-1]["seconds"] = round(time.perf_counter() - started, 1)
