@@ -45,7 +45,7 @@ from vlm.demo.lm import (
     probe_reports,
     train_tokenizer,
 )
-from vlm.demo.recipe import folder_megabytes, save_fp16, stage2_records
+from vlm.demo.recipe import QUICK, folder_megabytes, save_fp16, stage2_records
 from vlm.demo.score import judge, score
 from vlm.demo.twin import (
     FACT_TOKENS,
@@ -399,6 +399,11 @@ def test_quick_recipe_end_to_end(tmp_path, capsys):
     assert metrics["tower"]["loss"] == "siglip" and set(metrics["tower"]["zero_shot"]) >= {"retrieval", "asset_code"}
     assert set(metrics["distil_projector"]["held_out"]) >= {"code_letter", "damage"}
     assert {"lamp", "asset_code"} <= set(metrics["language_model"]["held_out_from_true_twins"])
+    # Distillation filled the trainer's feature cache for every panel; stage 1 read it (same fingerprint
+    # folder) instead of running the tower again.
+    caches = list((tmp_path / "work" / "feature_cache").iterdir())
+    assert len(caches) == 1
+    assert len(json.loads((caches[0] / "index.json").read_text())) == QUICK.n_train + QUICK.n_eval
     for stage in ("before_stage1", "after_stage1", "after_stage2"):
         assert {"lamp", "asset_code", "action", "gauge_within_5", "damage_present"} <= set(metrics[stage])
     for png in ("loss_lm.png", "loss_tower.png", "align/loss.png", "instruct/loss.png"):
@@ -417,3 +422,16 @@ def test_quick_recipe_end_to_end(tmp_path, capsys):
     assert {"lamp", "asset_code"} <= set(record["metrics"]["after_stage2"])
     assert load_pretrained(tmp_path / "again")[0].config.tokens_per_image == len(SPOTS)
     assert main(["stages", "--work", str(tmp_path / "nothing")]) == 2
+
+
+def test_compare_losses_trains_the_tower_with_each_loss_on_the_same_panels(tmp_path):
+    from vlm.demo.probe import compare_losses
+    from vlm.demo.recipe import QUICK_SPEC
+
+    results = compare_losses(tmp_path, QUICK_SPEC, steps=2, n_train=16, n_eval=4, eval_every=1, batch_size=8)
+    assert set(results) == {"clip", "siglip"}
+    for result in results.values():
+        assert [row["step"] for row in result["held_out_curve"]] == [1, 2]
+        assert {"code_letter", "code_digit", "code_pooled_exact"} <= set(result["held_out_curve"][-1])
+        assert set(result["zero_shot"]) == {"retrieval", "asset_code", "lamp", "gauge", "damage"}
+    assert (tmp_path / "tokenizer" / "tokenizer.json").is_file()

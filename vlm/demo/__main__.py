@@ -1,4 +1,4 @@
-"""``python -m vlm.demo build [--out models/demo] [--work runs/demo] [--quick]`` | ``stages`` | ``probe``."""
+"""``python -m vlm.demo build [--out models/demo] [--work runs/demo] [--quick]`` | ``stages`` | ``probe`` | ``losses``."""
 
 from __future__ import annotations
 
@@ -29,6 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     probe = commands.add_parser("probe", help="measure which image/patch size keeps the asset code readable")
     probe.add_argument("--out", type=Path, default=Path("runs/demo-probe.json"))
     probe.add_argument("--steps", type=int, default=250)
+    losses = commands.add_parser("losses", help="measure which contrastive loss (CLIP softmax, SigLIP sigmoid) "
+                                 "teaches the tower to read faster")
+    losses.add_argument("--out", type=Path, default=Path("runs/demo-losses"), help="folder: tokenizer, losses.json")
+    losses.add_argument("--steps", type=int, default=1000)
+    losses.add_argument("--panels", type=int, default=20000, help="training panels (drawn in memory)")
     args = parser.parse_args(argv)
     for path in (args.out, getattr(args, "work", None)):
         if path is not None and path.exists() and not path.is_dir() and path.suffix != ".json":
@@ -40,6 +45,15 @@ def main(argv: list[str] | None = None) -> int:
         rows = run_probe(steps=args.steps)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(rows, indent=2) + "\n")
+        return 0
+    if args.command == "losses":
+        from vlm.demo.probe import compare_losses
+        from vlm.demo.recipe import SPEC
+
+        args.out.mkdir(parents=True, exist_ok=True)
+        results = compare_losses(args.out, SPEC, steps=args.steps, n_train=args.panels)
+        (args.out / "losses.json").write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {args.out / 'losses.json'}")
         return 0
     import torch
 
