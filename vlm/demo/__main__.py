@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     losses = commands.add_parser("losses", help="measure which contrastive loss (CLIP softmax, SigLIP sigmoid) "
                                  "teaches the tower to read faster")
     losses.add_argument("--out", type=Path, default=Path("runs/demo-losses"), help="folder: tokenizer, losses.json")
-    losses.add_argument("--steps", type=int, default=1000)
+    losses.add_argument("--steps", type=int, default=1000, help="tower steps of 32 panels, per loss")
     losses.add_argument("--panels", type=int, default=20000, help="training panels (drawn in memory)")
     args = parser.parse_args(argv)
     for path in (args.out, getattr(args, "work", None)):

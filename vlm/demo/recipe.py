@@ -85,7 +85,7 @@ class Budget:
     tower_minutes: float | None = 44
     tower_batch: int = 32
     tower_lr: float = 2e-3
-    distil_steps: int = 2000  # 75 s; nearest twin token right for 54% of code letters on held-out panels
+    distil_steps: int = 2000  # 51 s; nearest twin token right for 75% of code letters on held-out panels
     distil_panels: int | None = None  # all: stage 1 needs the tower's features of every panel anyway
     align_steps: int = 300
     instruct_steps: int = 1000
