@@ -43,6 +43,7 @@ from vlm.demo.lm import (
     panel_twins,
     pretrain_lm,
     probe_reports,
+    question_records,
     train_tokenizer,
 )
 from vlm.demo.recipe import QUICK, folder_megabytes, save_fp16, stage2_records
@@ -300,12 +301,25 @@ def test_pack_cuts_rows_across_documents():
     assert rows.tolist() == [[1, 2, 3, 4], [5, 6, 7, 8]]
 
 
+def test_question_records_ask_every_question_and_the_code_twice(corpus):
+    root, _ = corpus
+    questions = [json.loads(line) for line in (root / "data" / "questions.jsonl").read_text().splitlines()]
+    records = question_records(root / "data")
+    codes = [q for q in questions if q["category"] == "asset_code"]
+    assert codes and len(records) == len(questions) + len(codes)
+    first = next(r for r in records if r["id"] == codes[0]["question_id"])
+    assert first["conversations"] == [{"from": "human", "value": "<image>\n" + codes[0]["text"]},
+                                      {"from": "gpt", "value": codes[0]["answer"]}]
+    assert sum(r["id"] == codes[0]["question_id"] for r in records) == 2
+
+
 def test_instruction_tuning_lowers_the_reply_loss_and_saves(corpus, tmp_path):
     root, tokenizer = corpus
     pretrain_lm(corpus_texts(root / "data", tokenizer), tokenizer, tmp_path / "lm", steps=2, batch_size=2,
                 seq_len=64, hidden_size=64, layers=1)
     before = AutoModelForCausalLM.from_pretrained(tmp_path / "lm").state_dict()
-    result = instruction_tune(root / "data", root / "data" / "instruct.json", tokenizer, tmp_path / "lm", steps=12,
+    records = json.loads((root / "data" / "instruct.json").read_text())
+    result = instruction_tune(root / "data", records, tokenizer, tmp_path / "lm", steps=12,
                               batch_size=4, lr=3e-3)
     losses = [h["loss"] for h in result["history"]]
     assert result["records"] == 24 * 5 and sum(losses[-3:]) < sum(losses[:3])

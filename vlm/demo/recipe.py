@@ -42,9 +42,11 @@ from vlm.demo.contrastive import (
 from vlm.demo.lm import (
     copy_accuracy,
     corpus_texts,
+    panel_metas,
     panel_reports,
     panel_twins,
     pretrain_lm,
+    question_records,
     train_tokenizer,
     tune_until_it_copies,
 )
@@ -68,7 +70,7 @@ class Budget:
     n_eval: int = 200
     vocab_size: int = 1024
     lm_steps: int = 1500
-    lm_instruct_steps: int = 2500  # replies only: the LM learns to answer from the twin (see lm_instruct_records)
+    lm_instruct_steps: int = 2500  # replies only: the LM learns to answer from the twin (see vlm.demo.lm.question_records)
     lm_instruct_more_steps: int = 1000  # further rounds until it does (vlm.demo.lm.tune_until_it_copies)
     lm_instruct_rounds: int = 3
     lm_hidden: int = 128
@@ -146,10 +148,6 @@ def plot(history: list[dict], keys: list[str], path: Path, title: str) -> None:
     pyplot.close(figure)
 
 
-def panel_metas(data_dir: Path, limit: int | None = None) -> list[dict]:
-    return [json.loads(line) for line in (data_dir / "meta.jsonl").read_text().splitlines() if line][:limit]
-
-
 def panel_targets(metas: list[dict], spec: TowerSpec) -> torch.Tensor:
     """``spot_targets`` of each panel: panels are written at the tower's size, so layout pixels are its pixels."""
     grid = spec.image_size // spec.patch_size
@@ -204,25 +202,6 @@ def stage2_records(data_dir: Path, share: float, seed: int) -> Path:
     return path
 
 
-def lm_instruct_records(data_dir: Path) -> Path:
-    """The LM's instruction tuning: every eval-style question of every panel as a one-turn chat, the
-    asset-code question twice (a quarter of the records).
-
-    Measured from text, held-out panels: 2,000 steps of these took the LM from 0% to 100% of codes
-    copied from the tag's print (97 s); 600 steps of the all-questions records (each asks for the code
-    once, among six other questions) or of the stage-2 mixture left it at 0%.
-    """
-    records = []
-    for line in (data_dir / "questions.jsonl").read_text().splitlines():
-        question = json.loads(line)
-        record = {"id": question["question_id"], "image": question["image"], "conversations": [
-            {"from": "human", "value": "<image>\n" + question["text"]}, {"from": "gpt", "value": question["answer"]}]}
-        records += [record] * (2 if question["category"] == "asset_code" else 1)
-    path = data_dir / "lm_instruct.json"
-    path.write_text(json.dumps(records) + "\n")
-    return path
-
-
 def save_fp16(model, processor, out: Path) -> None:
     """Weights in fp16 (half the bytes); the config keeps dtype float32, so loading casts them back up."""
     staging = out.with_name(out.name + ".partial")
@@ -246,7 +225,7 @@ def _pretrain_lm_job(train_dir: Path, eval_dir: Path, lm_dir: Path, budget: Budg
 
 
 def _instruct_lm(train_dir: Path, eval_dir: Path, lm_dir: Path, tokenizer, budget: Budget, rounds_done: int) -> dict:
-    rounds = tune_until_it_copies(train_dir, train_dir / "lm_instruct.json", tokenizer, lm_dir, budget.lm_instruct_steps,
+    rounds = tune_until_it_copies(train_dir, question_records(train_dir), tokenizer, lm_dir, budget.lm_instruct_steps,
                                   budget.lm_instruct_more_steps, budget.lm_instruct_rounds, rounds_done=rounds_done)
     model = AutoModelForCausalLM.from_pretrained(lm_dir)
     return {"instruction_rounds": rounds,
@@ -267,7 +246,6 @@ def build(out: Path, work: Path, quick: bool = False, example: Path | None = Non
         write_dataset(train_dir, budget.n_train, TRAIN_SEED, spec.image_size)
         write_dataset(eval_dir, budget.n_eval, EVAL_SEED, spec.image_size)
         stage2_records(train_dir, budget.long_answer_share, TRAIN_SEED)
-        lm_instruct_records(train_dir)
 
     with recipe.step("tokenizer"):
         tokenizer = train_tokenizer(corpus_texts(train_dir), work / "lm", budget.vocab_size)
