@@ -118,11 +118,14 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, parts, llav
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not (out / "checkpoints" / "step_4").is_dir() and time.time() < deadline:
-        time.sleep(0.05)
+        time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert (out / "checkpoints" / "step_4").is_dir() and not (out / "final").exists()
-    shutil.rmtree(out / "checkpoints" / "step_6", ignore_errors=True)  # as if killed before step 6 was saved
+    assert (out / "checkpoints" / "step_4").is_dir()
+    # As if killed before step 6 was saved. The tiny run can finish the four steps left before the signal
+    # lands (CI once saw `final`), so what it saved after step 4 goes too, whatever the kill cut short.
+    for later in ("checkpoints/step_6", "checkpoints/step_8", "final"):
+        shutil.rmtree(out / later, ignore_errors=True)
     result = subprocess.run([*args, "resume=true"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "resumed from" in result.stdout + result.stderr
