@@ -449,3 +449,6 @@ def test_compare_losses_trains_the_tower_with_each_loss_on_the_same_panels(tmp_p
         assert {"code_letter", "code_digit", "code_pooled_exact"} <= set(result["held_out_curve"][-1])
         assert set(result["zero_shot"]) == {"retrieval", "asset_code", "lamp", "gauge", "damage"}
     assert (tmp_path / "tokenizer" / "tokenizer.json").is_file()
+    # A run shorter than eval_every is still measured at its end.
+    short = compare_losses(tmp_path, QUICK_SPEC, steps=1, n_train=16, n_eval=4, batch_size=8)
+    assert [row["step"] for row in short["siglip"]["held_out_curve"]] == [1]

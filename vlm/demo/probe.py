@@ -76,10 +76,10 @@ def compare_losses(work: Path, spec: TowerSpec, steps: int = 1000, n_train: int 
     captions = [caption_of(report) for report in reports]
     tokenizer = train_tokenizer(captions, work / "tokenizer", 1024)
     results = {}
-    for loss in ("clip", "siglip"):
+    for loss in ("clip", "siglip"):  # a run shorter than eval_every still gets its end measured
         model, history = train_tower(pixels, captions, targets, tokenizer, spec, loss=loss, steps=steps,
                                      batch_size=batch_size, lr=lr, desc=f"tower {loss}",
-                                     held_out=(eval_pixels, eval_targets), eval_every=eval_every)
+                                     held_out=(eval_pixels, eval_targets), eval_every=min(eval_every, steps))
         results[loss] = {"held_out_curve": [{"step": h["step"], **h["held_out"]} for h in history if "held_out" in h],
                          "zero_shot": zero_shot(model.clip, tokenizer, eval_pixels, eval_reports)}
         print(loss, {k: round(v, 3) for k, v in results[loss]["held_out_curve"][-1].items()}, flush=True)
