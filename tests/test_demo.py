@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from vlm.demo.contrastive import (
     GLYPHS,
+    HEADS,
     IGNORE,
     POOL_SHARPNESS,
     SPOTS,
@@ -23,6 +24,7 @@ from vlm.demo.contrastive import (
     clip_loss,
     evaluate_fields,
     field_accuracy,
+    field_loss,
     glyph_loss,
     image_processor,
     perturbations,
@@ -35,23 +37,25 @@ from vlm.demo.contrastive import (
     zero_shot,
 )
 from vlm.demo.lm import (
-    copy_accuracy,
+    GATE_CATEGORIES,
     corpus_texts,
     instruction_tune,
     pack,
-    panel_reports,
     panel_twins,
     pretrain_lm,
-    probe_reports,
     question_records,
     train_tokenizer,
+    tune_until_it_answers,
 )
 from vlm.demo.recipe import QUICK, folder_megabytes, save_fp16, stage2_records
 from vlm.demo.score import judge, score
 from vlm.demo.twin import (
+    DAMAGE_STATES,
     FACT_TOKENS,
+    TWIN_SPOTS,
     distil_projector,
     image_twin,
+    rarity_weights,
     twin_accuracy,
     twin_token_ids,
     twin_vocabulary,
@@ -60,7 +64,7 @@ from vlm.model import load_pretrained
 from vlm.processor import load_image_processor
 from vlm.projector import QueryPoolProjector
 from vlm.synth import write_dataset
-from vlm.synth.panels import generate_panel, make_report
+from vlm.synth.panels import LOCATIONS, generate_panel, make_report
 from vlm.vision import VisionTower, load_vision_encoder
 
 SPEC = TowerSpec(image_size=64, patch_size=16, width=64, layers=1, text_width=64, text_layers=1, embed_dim=16)
@@ -129,8 +133,30 @@ def test_field_accuracy_counts_present_facts_only():
                                                           where.roll(3 * 16 + 3, dims=1)]  # 3 rows, 3 columns off
     result = field_accuracy(off_by_one, targets)
     assert result["gauge"] == 1.0 and result["code_exact"] == 0.0 and result["warning"] == 0.0
+    damaged = sum(int((targets[:, i, 1] > 0).sum()) for i, (kind, _) in enumerate(SPOTS) if kind == "damage")
+    assert damaged and result["damage_recall"] == pytest.approx(  # rolled by one: only the last type reads as intact
+        sum(int((targets[:, i, 1] > 0).sum() - (targets[:, i, 1] == HEADS["damage"] - 1).sum())
+            for i, (kind, _) in enumerate(SPOTS) if kind == "damage") / damaged)
     assert result["where"] == 0.0 and result["code_false_glyph"] == 1.0 and result["code_pooled"] == 0.0
     assert field_accuracy(perfect + [quiet, pooled, where.roll(1, dims=1)], targets)["where"] > 0.9  # a neighbour counts
+
+
+def test_field_loss_weighs_a_missed_damaged_cell_above_a_false_alarm():
+    """Nine cells in ten are intact: reading a damaged cell as intact must cost more than the reverse."""
+    cell = next(i for i, (kind, _) in enumerate(SPOTS) if kind == "damage")
+    targets = torch.zeros(2, len(SPOTS), 2, dtype=torch.long)
+    targets[0, cell, 1] = 1  # panel 0: a crack in the first cell; panel 1: intact there
+
+    def loss(misread_panel: int) -> float:
+        logits = [torch.zeros(2, classes) for _, classes in SPOTS]
+        for panel in (0, 1):  # each panel's cell read with margin 3 for one class
+            read = int(targets[panel, cell, 1]) if panel != misread_panel else 1 - int(targets[panel, cell, 1])
+            logits[cell][panel, read] = 3.0
+        rest = [torch.zeros(2, len(SPOTS) - 7, len(GLYPHS)), torch.zeros(2, 7, len(GLYPHS)),
+                torch.zeros(2, 4, len(SPOTS))]
+        return float(field_loss(logits + rest, targets))
+
+    assert loss(misread_panel=0) > loss(misread_panel=1)
 
 
 def test_glyph_loss_wants_the_shown_glyph_above_zero_and_the_rest_below():
@@ -155,46 +181,62 @@ def test_where_loss_is_low_only_when_each_fact_points_at_its_own_patch():
 
 def test_seeded_projector_pools_where_the_where_head_points():
     torch.manual_seed(0)
-    heads, projector = SpotHeads(64), QueryPoolProjector(64, 48, len(SPOTS))
+    heads, projector = SpotHeads(64), QueryPoolProjector(64, 48, len(TWIN_SPOTS))
     tokens = torch.randn(2, 256, 64)
     with torch.no_grad():
-        seed_query_projector(projector, heads)
+        seed_query_projector(projector, heads, TWIN_SPOTS)
         normed = heads.token_norm(tokens)
         pooled = (POOL_SHARPNESS * heads.where(normed)).softmax(1).transpose(1, 2) @ normed  # [images, facts, width]
-        torch.testing.assert_close(projector(tokens), projector.mlp(pooled), atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="one per fact"):
-        seed_query_projector(QueryPoolProjector(64, 48, 5), heads)
+        torch.testing.assert_close(projector(tokens), projector.mlp(pooled[:, TWIN_SPOTS]), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="one per twin token"):
+        seed_query_projector(QueryPoolProjector(64, 48, 5), heads, TWIN_SPOTS)
+
+
+def test_rarity_weights_lift_rare_values_per_column():
+    labels = torch.tensor([[0, 5]] * 90 + [[1, 5]] * 9 + [[2, 5]])
+    weights = rarity_weights(labels, cap=5.0)
+    torch.testing.assert_close(weights[:, 1], torch.ones(100))  # one value: nothing to rebalance
+    assert float(weights[0, 0]) < 1 < float(weights[90, 0])  # scaled to mean 1 before the cap
+    assert float(weights[90, 0] / weights[0, 0]) == pytest.approx(10 ** 0.5, rel=1e-4)  # 1/sqrt(count)
+    assert float(weights[99, 0]) == 5.0  # capped
 
 
 def test_projector_distils_to_the_twin_tokens_embeddings(corpus):
     """Synthetic features that show each fact's class at its own patch, in a pattern per class shared by
-    the facts of a kind (as a glyph looks the same in every slot): distillation must write each fact's
-    twin-token embedding at its visual token."""
+    the facts of a kind (as a glyph looks the same in every slot): distillation must write each twin
+    token's embedding at its visual token, the gauge's three digits from the one gauge patch."""
     _, tokenizer = corpus
     torch.manual_seed(0)
     panels, width, facts = 600, 32, len(SPOTS)
-    classes = torch.stack([torch.randint(0, len(FACT_TOKENS[kind]) - (kind == "lamp"), (panels,))
-                           for kind, _ in SPOTS], 1)
+    counts = {kind: len(FACT_TOKENS[kind]) - (kind == "lamp") for kind in FACT_TOKENS} | {"gauge": 101,
+                                                                                   "damage": DAMAGE_STATES}
+    classes = torch.stack([torch.randint(0, counts[kind], (panels,)) for kind, _ in SPOTS], 1)
     targets = torch.stack([torch.arange(facts).expand(panels, -1), classes], -1)  # fact i drawn at patch i
-    patterns = {kind: torch.randn(len(tokens), width) for kind, tokens in FACT_TOKENS.items()}
+    patterns = {kind: torch.randn(count, width) for kind, count in counts.items()}
+    place_patterns = torch.randn(3, 10, width)  # the gauge shows its reading as hundreds + tens + units
+    patterns["gauge"] = torch.stack([sum(place_patterns[k, int(d)] for k, d in enumerate(f"{v:03d}"))
+                                     for v in range(101)])
     features = torch.randn(panels, 64, width + facts) * 0.1
     for i, (kind, _) in enumerate(SPOTS):
         features[:, i, :width] += patterns[kind][classes[:, i]]
         features[:, i, width + i] += 5  # and where each fact is: the where head's seed finds it
-    projector = QueryPoolProjector(width + facts, 24, facts)
+    projector = QueryPoolProjector(width + facts, 64, len(TWIN_SPOTS))
     with torch.no_grad():
         projector.scores.weight.zero_()
         projector.scores.bias.zero_()
-        projector.scores.weight[:, width:] = 10 * torch.eye(facts)
+        projector.scores.weight[:, width:] = 10 * torch.eye(facts)[TWIN_SPOTS]
     twins = twin_token_ids(tokenizer, targets)
-    embeddings, vocabulary = torch.randn(len(tokenizer), 24), twin_vocabulary(tokenizer)
+    embeddings, vocabulary = torch.randn(len(tokenizer), 64), twin_vocabulary(tokenizer)
     before = twin_accuracy(projector, features[500:], twins[500:], embeddings, vocabulary)
     history = distil_projector(projector, features[:500], twins[:500], embeddings, vocabulary, steps=300, lr=1e-2)
     after = twin_accuracy(projector, features[500:], twins[500:], embeddings, vocabulary)
     assert history[-1]["loss"] < history[0]["loss"] / 3
-    assert before["code_letter"] < 0.2 and before["warning"] < 0.6, before
+    assert before["code_letter"] < 0.2 and before["warning"] < 0.6 and before["gauge_exact"] < 0.1, before
     assert min(after["code_letter"], after["code_digit"], after["warning"], after["damage"]) > 0.9, after
-    assert set(after) == {"code_letter", "code_dash", "code_digit", "lamp", "gauge", "warning", "damage", "code_exact"}
+    # The three gauge queries pool the same patch: only their query embeddings tell them apart.
+    assert after["gauge_digit"] > 0.5 and after["gauge_within_5"] > before["gauge_within_5"] + 0.3, (before, after)
+    assert set(after) == {"code_letter", "code_dash", "code_digit", "lamp", "gauge_digit", "warning", "damage",
+                          "code_exact", "gauge_exact", "gauge_within_5"}
 
 
 def test_perturbations_change_one_fact():
@@ -250,10 +292,16 @@ def test_corpus_puts_the_twin_where_the_image_goes(corpus):
     twin = image_twin(metas[0]["report"])
     assert first_caption.split("<|im_end|>")[0].endswith("\n" + twin)
     assert twin.startswith(metas[0]["report"]["asset_code"] + "<")
-    # One token per fact, in SPOTS order: exactly the ids the projector is distilled to.
-    targets = torch.tensor([spot_targets(metas[0]["report"], metas[0]["camera"]["layout"], 8, 16)])
+    # One token per fact, in SPOTS order, the gauge's reading in three digits: exactly the ids the
+    # projector is distilled to.
+    report = metas[0]["report"]
+    assert f"{report['gauge_reading']:03d}<" in twin
+    # Each cell's damage token names the cell, so the LM finds the asked cell by name, not by counting.
+    damaged = {item["location"]: item["type"] for item in report["damage"]}
+    assert all(f"<{cell} {damaged.get(cell, 'intact')}>" in twin for cell in LOCATIONS)
+    targets = torch.tensor([spot_targets(report, metas[0]["camera"]["layout"], 8, 16)])
     ids = tokenizer(twin, add_special_tokens=False)["input_ids"]
-    assert ids == twin_token_ids(tokenizer, targets)[0].tolist() and len(ids) == len(SPOTS)
+    assert ids == twin_token_ids(tokenizer, targets)[0].tolist() and len(ids) == len(TWIN_SPOTS) == len(SPOTS) + 2
 
 
 class _Copier:
@@ -276,16 +324,19 @@ class _Copier:
         return torch.tensor([row + [self.tokenizer.pad_token_id] * (width - len(row)) for row in rows])
 
 
-def test_copy_accuracy_counts_codes_answered_from_the_twin(corpus):
+def test_instruction_rounds_stop_at_the_gate(corpus, tmp_path):
+    """No round when the LM already passes its gate; rounds up to the cap while it does not."""
     root, tokenizer = corpus
-    reports = panel_reports(root / "data", 5)
-    assert len(reports) == 5 and all(len(r["asset_code"]) == 7 and r["asset_code"][2] == "-" for r in reports)
-    assert copy_accuracy(_Copier(tokenizer), tokenizer, reports) == 1.0
-    assert copy_accuracy(_Copier(tokenizer, wrong=True), tokenizer, reports) == 0.0
-    probes = probe_reports(panel_reports(root / "data"), 50, 0)
-    assert probes == probe_reports(panel_reports(root / "data"), 50, 0)
-    assert not {p["asset_code"] for p in probes} & {r["asset_code"] for r in panel_reports(root / "data")}
-    assert copy_accuracy(_Copier(tokenizer), tokenizer, probes) == 1.0
+    pretrain_lm(corpus_texts(root / "data", tokenizer), tokenizer, tmp_path / "lm", steps=2, batch_size=2,
+                seq_len=64, hidden_size=64, layers=1)
+    records = question_records(root / "data")
+    passed = tune_until_it_answers(root / "data", records, tokenizer, tmp_path / "lm", root / "data", 2, 2,
+                                   max_rounds=3, threshold=0.0)
+    assert len(passed) == 1 and set(passed[0]["answers"]) == set(GATE_CATEGORIES)
+    assert passed[0]["worst"] == min(passed[0]["answers"].values())
+    failing = tune_until_it_answers(root / "data", records, tokenizer, tmp_path / "lm", root / "data", 2, 2,
+                                    max_rounds=2, threshold=1.01)
+    assert [r["steps"] for r in failing] == [0, 2, 2] and [r.get("round") for r in failing] == [None, 1, 2]
 
 
 def test_scoring_from_true_twins_puts_each_panels_twin_where_the_image_goes(corpus):
@@ -294,6 +345,7 @@ def test_scoring_from_true_twins_puts_each_panels_twin_where_the_image_goes(corp
     result = score(_Copier(tokenizer), tokenizer, root / "data", twins=twins)  # it answers every question with the code
     assert result["asset_code"] == 1.0 and result["n_asset_code"] == 24
     assert result["lamp"] == 0.0 and result["n_lamp"] == 24
+    assert score(_Copier(tokenizer, wrong=True), tokenizer, root / "data", twins=twins)["asset_code"] == 0.0
 
 
 def test_pack_cuts_rows_across_documents():
@@ -427,14 +479,14 @@ def test_quick_recipe_end_to_end(tmp_path, capsys):
     assert Image.open(tmp_path / "panel.jpg").format == "JPEG"
     assert metrics["example"]["truth"] and isinstance(metrics["example"]["answer"], str)
     rounds = metrics["language_model"]["instruction_rounds"]
-    assert rounds[0]["steps"] == 0 and [r["round"] for r in rounds[1:]] == [1, 2]  # the tiny LM never copies
+    assert rounds[0]["steps"] == 0 and [r["round"] for r in rounds[1:]] == [1, 2]  # the tiny LM never passes its gate
     # The last part again from the work folder: no round is left to give, the stages rerun and save.
     assert main(["stages", "--out", str(tmp_path / "again"), "--work", str(tmp_path / "work"),
                  "--threads", str(torch.get_num_threads())]) == 0
     record = json.loads((tmp_path / "work" / "recipe.json").read_text())
     assert len(record["reruns"]) == 1 and len(record["metrics"]["language_model"]["instruction_rounds"]) == 3
     assert {"lamp", "asset_code"} <= set(record["metrics"]["after_stage2"])
-    assert load_pretrained(tmp_path / "again")[0].config.tokens_per_image == len(SPOTS)
+    assert load_pretrained(tmp_path / "again")[0].config.tokens_per_image == len(TWIN_SPOTS)
     assert main(["stages", "--work", str(tmp_path / "nothing")]) == 2
 
 

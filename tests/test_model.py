@@ -141,6 +141,14 @@ def test_query_pool_projector_puts_what_each_query_finds_at_its_own_token(parts)
         out = projector(features)
     torch.testing.assert_close(out[0, 3], projector.mlp(projector.norm(features[0, 11])), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(out[:, 0], projector.mlp(projector.norm(features).mean(1)), atol=1e-5, rtol=1e-5)
+    # Queries that find the same patch give the same token until their query embeddings differ.
+    with torch.no_grad():
+        projector.scores.weight[4] = projector.scores.weight[3]
+        same = projector(features)
+        torch.testing.assert_close(same[:, 3], same[:, 4])
+        projector.query_embeddings[4] = 1.0
+        moved = projector(features)
+    assert not torch.allclose(moved[:, 3], moved[:, 4]) and torch.equal(moved[:, 3], same[:, 3])
 
 
 def test_siglip_has_no_cls_to_drop(parts):

@@ -46,19 +46,22 @@ class QueryPoolProjector(nn.Module):
     are what is pooled, so linear classifiers trained beside the tower ("which patch shows X", "what
     does this patch show") can be loaded as the queries and the MLP's first layer as they are.
     Any number of patches becomes ``queries`` tokens in a fixed order: what the i-th query finds is
-    always at the i-th visual token.
+    always at the i-th visual token. A learned embedding per query (zero at first) is added to what it
+    pools, as resamplers add position embeddings: queries that find the same patch can then write
+    different tokens (the tens and the units of one gauge's reading).
     """
 
     def __init__(self, in_features: int, out_features: int, queries: int) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(in_features)
         self.scores = nn.Linear(in_features, queries)
+        self.query_embeddings = nn.Parameter(torch.zeros(queries, in_features))
         self.mlp = MLPProjector(in_features, out_features)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         normed = self.norm(features)
         weights = self.scores(normed).softmax(dim=1)  # [images, patches, queries]
-        return self.mlp(weights.transpose(1, 2) @ normed)
+        return self.mlp(weights.transpose(1, 2) @ normed + self.query_embeddings.to(normed.dtype))
 
 
 def build_projector(kind: str, vision_width: int, llm_width: int, queries: int = 32) -> nn.Module:
