@@ -70,7 +70,7 @@ class Budget:
     lm_steps: int = 1500
     lm_instruct_steps: int = 2500  # replies only: the LM learns to answer from the twin (see vlm.demo.lm.question_records)
     lm_instruct_more_steps: int = 1000  # further rounds until it does (vlm.demo.lm.tune_until_it_answers)
-    lm_instruct_rounds: int = 4  # one build's damage answers from the twin: 83.5, 85.5, 87% after rounds 1-3
+    lm_instruct_rounds: int = 4  # gate damage answers by round, one build: 83.5, 85.5, 87, 84.5%: more rounds stop helping
     lm_hidden: int = 128
     lm_layers: int = 4
     # SigLIP's sigmoid loss: held-out code letters / digits by the fact heads after 250, 500 and 1,000 steps
