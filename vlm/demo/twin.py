@@ -1,11 +1,11 @@
-"""The image's text twin: one LM token per fact the tower is trained to read, in the projector's order.
+"""The image's text twin: LM tokens for the facts the tower is trained to read, in the projector's order.
 
 The stand-in LM is pretrained and instruction-tuned with the twin where the image goes (``"BR-0131"``
-then ``<FAULT on>``, ``042`` for the gauge, ``<top-left dent>``...: a token per fact of ``SPOTS``, three for
-the gauge), so it learns to
-answer every question from those tokens, as a downloaded LLM answers from text. The projector is then
-distilled, on the frozen tower's features, to put each fact's twin-token embedding at its visual
-token (``distil_projector``): reading a panel becomes what the LM already does with its text.
+then ``<FAULT on>``, ``042`` for the gauge, ``<top-left dent>``...: a token per fact of ``SPOTS``, three
+for the gauge), so it learns to answer every question from those tokens, as a downloaded LLM answers
+from text. The projector is then distilled, on the frozen tower's features, to put each fact's
+twin-token embedding at its visual token (``distil_projector``): reading a panel becomes what the LM
+already does with its text.
 
 Measured on the width-128 tower of one build (held-out panels): seeded from the glyph head through the
 projector's GELU, only 23% of the code letters landed nearest their own glyph embedding, against 60%
