@@ -39,11 +39,14 @@ from vlm.demo.contrastive import (
 from vlm.demo.lm import (
     GATE_CATEGORIES,
     corpus_texts,
+    instruction_records,
     instruction_tune,
+    length_grouped_batches,
     pack,
     panel_twins,
     pretrain_lm,
     question_records,
+    report_codes,
     train_tokenizer,
     tune_until_it_answers,
 )
@@ -199,6 +202,9 @@ def test_rarity_weights_lift_rare_values_per_column():
     assert float(weights[0, 0]) < 1 < float(weights[90, 0])  # scaled to mean 1 before the cap
     assert float(weights[90, 0] / weights[0, 0]) == pytest.approx(10 ** 0.5, rel=1e-4)  # 1/sqrt(count)
     assert float(weights[99, 0]) == 5.0  # capped
+    by_frequency = rarity_weights(labels, torch.tensor([1.0, 0.5]), cap=50.0)
+    assert float(by_frequency[90, 0] / by_frequency[0, 0]) == pytest.approx(10.0, rel=1e-4)  # 1/count
+    torch.testing.assert_close(by_frequency[:, 1], torch.ones(100))
 
 
 def test_projector_distils_to_the_twin_tokens_embeddings(corpus):
@@ -232,11 +238,11 @@ def test_projector_distils_to_the_twin_tokens_embeddings(corpus):
     after = twin_accuracy(projector, features[500:], twins[500:], embeddings, vocabulary)
     assert history[-1]["loss"] < history[0]["loss"] / 3
     assert before["code_letter"] < 0.2 and before["warning"] < 0.6 and before["gauge_exact"] < 0.1, before
-    assert min(after["code_letter"], after["code_digit"], after["warning"], after["damage"]) > 0.9, after
+    assert min(after["code_letter"], after["code_digit"], after["warning"], after["damage"], after["damage_recall"]) > 0.9, after
     # The three gauge queries pool the same patch: only their query embeddings tell them apart.
     assert after["gauge_digit"] > 0.5 and after["gauge_within_5"] > before["gauge_within_5"] + 0.3, (before, after)
     assert set(after) == {"code_letter", "code_dash", "code_digit", "lamp", "gauge_digit", "warning", "damage",
-                          "code_exact", "gauge_exact", "gauge_within_5"}
+                          "damage_recall", "code_exact", "gauge_exact", "gauge_within_5"}
 
 
 def test_perturbations_change_one_fact():
@@ -305,10 +311,11 @@ def test_corpus_puts_the_twin_where_the_image_goes(corpus):
 
 
 class _Copier:
-    """Answers every prompt with the code that starts its user turn: a perfect copier, to check the scoring."""
+    """Answers every prompt with the code that starts its user turn: a perfect copier, to check the scoring.
+    ``report``: the code inside a JSON report's ``asset_code``."""
 
-    def __init__(self, tokenizer, wrong: bool = False) -> None:
-        self.tokenizer, self.wrong = tokenizer, wrong
+    def __init__(self, tokenizer, wrong: bool = False, report: bool = False) -> None:
+        self.tokenizer, self.wrong, self.report = tokenizer, wrong, report
 
     def eval(self) -> "_Copier":
         return self
@@ -319,6 +326,7 @@ class _Copier:
             prompt = self.tokenizer.decode(ids[mask.bool()])
             answer = prompt.split("user\n")[1].split("<")[0]
             answer = answer[::-1] if self.wrong else answer
+            answer = json.dumps({"asset_code": answer, "gauge_reading": 1}) if self.report else answer
             rows.append(ids.tolist() + self.tokenizer(answer + "<|im_end|>", add_special_tokens=False)["input_ids"])
         width = max(map(len, rows))
         return torch.tensor([row + [self.tokenizer.pad_token_id] * (width - len(row)) for row in rows])
@@ -332,7 +340,7 @@ def test_instruction_rounds_stop_at_the_gate(corpus, tmp_path):
     records = question_records(root / "data")
     passed = tune_until_it_answers(root / "data", records, tokenizer, tmp_path / "lm", root / "data", 2, 2,
                                    max_rounds=3, threshold=0.0)
-    assert len(passed) == 1 and set(passed[0]["answers"]) == set(GATE_CATEGORIES)
+    assert len(passed) == 1 and set(passed[0]["answers"]) == {*GATE_CATEGORIES, "report_asset_code"}
     assert passed[0]["worst"] == min(passed[0]["answers"].values())
     failing = tune_until_it_answers(root / "data", records, tokenizer, tmp_path / "lm", root / "data", 2, 2,
                                     max_rounds=2, threshold=1.01)
@@ -348,21 +356,56 @@ def test_scoring_from_true_twins_puts_each_panels_twin_where_the_image_goes(corp
     assert score(_Copier(tokenizer, wrong=True), tokenizer, root / "data", twins=twins)["asset_code"] == 0.0
 
 
+def test_report_codes_counts_reports_that_carry_the_panels_code(corpus):
+    root, tokenizer = corpus
+    assert report_codes(_Copier(tokenizer, report=True), tokenizer, root / "data") == 1.0
+    assert report_codes(_Copier(tokenizer, wrong=True, report=True), tokenizer, root / "data") == 0.0
+    assert report_codes(_Copier(tokenizer), tokenizer, root / "data") == 0.0  # a bare code is not a report
+
+
+def test_instruction_records_add_a_share_of_reports_and_descriptions(corpus):
+    root, _ = corpus
+    questions = question_records(root / "data")
+    records = instruction_records(root / "data", long_share=0.1)
+    longs = records[len(questions):]
+    assert records[:len(questions)] == questions and len(longs) == round(0.1 * len(questions)) < 2 * 24
+    assert all(r["id"].endswith(("_report", "_detail")) for r in longs) and len({r["id"] for r in longs}) == len(longs)
+    assert {r["id"][-7:] for r in longs} == {"_report", "_detail"}
+    everything = instruction_records(root / "data", long_share=10.0)  # more than there are: all of them
+    assert len(everything) - len(questions) == 2 * 24
+
+
+def test_length_grouped_batches_are_all_short_or_all_long_in_proportion():
+    def record(i: int, chars: int) -> dict:
+        return {"id": str(i), "conversations": [{"from": "gpt", "value": "x" * chars}]}
+
+    records = [record(i, 500) for i in range(20)] + [record(i, 10) for i in range(20, 100)]
+    batches = length_grouped_batches(records, 4, random.Random(0))
+    drawn = [next(batches) for _ in range(400)]
+    assert all(len(batch) == 4 and len({int(r["id"]) < 20 for r in batch}) == 1 for batch in drawn)
+    assert 0.15 < sum(int(batch[0]["id"]) < 20 for batch in drawn) / len(drawn) < 0.25  # a fifth are long
+    assert all(len(set(map(id, batch))) == 4 for batch in drawn)  # drawn without replacement
+    few = length_grouped_batches(records[:3], 4, random.Random(0))
+    assert len(next(few)) == 3  # fewer records than a batch: one short batch, not a hang
+
+
 def test_pack_cuts_rows_across_documents():
     rows = pack([[1, 2, 3], [4, 5], [6, 7, 8, 9]], 4)
     assert rows.tolist() == [[1, 2, 3, 4], [5, 6, 7, 8]]
 
 
-def test_question_records_ask_every_question_and_the_code_twice(corpus):
+def test_question_records_ask_every_question_and_the_code_and_gauge_twice(corpus):
     root, _ = corpus
     questions = [json.loads(line) for line in (root / "data" / "questions.jsonl").read_text().splitlines()]
     records = question_records(root / "data")
-    codes = [q for q in questions if q["category"] == "asset_code"]
-    assert codes and len(records) == len(questions) + len(codes)
-    first = next(r for r in records if r["id"] == codes[0]["question_id"])
-    assert first["conversations"] == [{"from": "human", "value": "<image>\n" + codes[0]["text"]},
-                                      {"from": "gpt", "value": codes[0]["answer"]}]
-    assert sum(r["id"] == codes[0]["question_id"] for r in records) == 2
+    twice = [q for q in questions if q["category"] in ("asset_code", "gauge")]
+    assert {q["category"] for q in twice} == {"asset_code", "gauge"} and len(records) == len(questions) + len(twice)
+    first = next(r for r in records if r["id"] == twice[0]["question_id"])
+    assert first["conversations"] == [{"from": "human", "value": "<image>\n" + twice[0]["text"]},
+                                      {"from": "gpt", "value": twice[0]["answer"]}]
+    assert all(sum(r["id"] == q["question_id"] for r in records) == 2 for q in twice)
+    lamp = next(q for q in questions if q["category"] == "lamp")
+    assert sum(r["id"] == lamp["question_id"] for r in records) == 1
 
 
 def test_instruction_tuning_lowers_the_reply_loss_and_saves(corpus, tmp_path):

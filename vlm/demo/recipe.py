@@ -41,10 +41,10 @@ from vlm.demo.contrastive import (
 )
 from vlm.demo.lm import (
     corpus_texts,
+    instruction_records,
     panel_metas,
     panel_twins,
     pretrain_lm,
-    question_records,
     train_tokenizer,
     tune_until_it_answers,
 )
@@ -68,9 +68,10 @@ class Budget:
     n_eval: int = 200
     vocab_size: int = 1024
     lm_steps: int = 1500
-    lm_instruct_steps: int = 2500  # replies only: the LM learns to answer from the twin (see vlm.demo.lm.question_records)
+    lm_instruct_steps: int = 2500  # replies only: the LM learns to answer from the twin (see vlm.demo.lm.instruction_records)
     lm_instruct_more_steps: int = 1000  # further rounds until it does (vlm.demo.lm.tune_until_it_answers)
     lm_instruct_rounds: int = 4  # gate damage answers by round, one build: 83.5, 85.5, 87, 84.5%: more rounds stop helping
+    lm_long_share: float = 0.2  # reports and descriptions per question record (see vlm.demo.lm.instruction_records)
     lm_hidden: int = 128
     lm_layers: int = 4
     # SigLIP's sigmoid loss: held-out code letters / digits by the fact heads after 250, 500 and 1,000 steps
@@ -82,10 +83,12 @@ class Budget:
     # A step count, so that a slower LM beside it cannot shorten the tower's schedule (one build's tower
     # got 2,323 steps in 36 min, another 2,475 in 32); the minutes are a cap that keeps the recipe in an hour.
     tower_steps: int = 3200
-    tower_minutes: float | None = 44
+    tower_minutes: float | None = 45
     tower_batch: int = 32
     tower_lr: float = 2e-3
-    distil_steps: int = 2000  # 51 s; nearest twin token right for 75% of code letters on held-out panels
+    # 95 s. Held-out, nearest twin token, one build's tower: letters 68.5 / 75%, whole codes 36 / 41%,
+    # damaged cells seen 65 / 74%, gauge within +/-5 45.5 / 55% after 2,000 / 4,000 steps.
+    distil_steps: int = 4000
     distil_panels: int | None = None  # all: stage 1 needs the tower's features of every panel anyway
     align_steps: int = 300
     instruct_steps: int = 1000
@@ -229,9 +232,9 @@ def _pretrain_lm_job(work: Path, budget: Budget, threads: int) -> dict:
 
 def _instruct_lm(work: Path, tokenizer, budget: Budget, rounds_done: int) -> dict:
     train_dir, eval_dir, gate_dir = data_folders(work)
-    rounds = tune_until_it_answers(train_dir, question_records(train_dir), tokenizer, work / "lm", gate_dir,
-                                   budget.lm_instruct_steps, budget.lm_instruct_more_steps, budget.lm_instruct_rounds,
-                                   rounds_done=rounds_done)
+    records = instruction_records(train_dir, budget.lm_long_share, TRAIN_SEED)
+    rounds = tune_until_it_answers(train_dir, records, tokenizer, work / "lm", gate_dir, budget.lm_instruct_steps,
+                                   budget.lm_instruct_more_steps, budget.lm_instruct_rounds, rounds_done=rounds_done)
     model = AutoModelForCausalLM.from_pretrained(work / "lm")
     return {"instruction_rounds": rounds,
             "held_out_from_true_twins": score(model, tokenizer, eval_dir, budget.eval_limit, twins=panel_twins(eval_dir))}
