@@ -170,7 +170,7 @@ def question_records(data_dir: str | Path) -> list[dict]:
     return records
 
 
-def instruction_records(data_dir: str | Path, long_share: float = 0.1, seed: int = 0) -> list[dict]:
+def instruction_records(data_dir: str | Path, long_share: float = 0.2, seed: int = 0) -> list[dict]:
     """``question_records`` plus JSON reports and detailed descriptions of the same folder (``instruct.json``),
     as many as ``long_share`` of the questions, drawn at random with ``seed``.
 

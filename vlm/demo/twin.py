@@ -38,12 +38,14 @@ FACT_TOKENS: dict[str, list[str]] = {
     "damage": [f"<{location} {state}>" for location in LOCATIONS for state in ("intact", *DAMAGE_TYPES)],
 }
 DAMAGE_STATES = 1 + len(DAMAGE_TYPES)
+VOCABULARY: list[str] = [token for tokens in FACT_TOKENS.values() for token in tokens]  # ``twin_vocabulary``'s order
 NO_LAMP = len(FACT_TOKENS["lamp"]) - 1
 # The gauge reading is written as three ordinary digits ("042"), copied as the code is. As one token of
 # 101 (``<gauge 42>``), the LM answered within +/-5 only 27.5% of the time from the exact twin, mostly
 # with the tens digit wrong; it copies the code's digits 99% right.
 GAUGE_DIGITS = 3
-# Distillation weighs a damaged cell by 1/frequency, the other facts' rare values by 1/sqrt(frequency):
+# Distillation weighs a damaged cell by 1/frequency, the other facts' rare values (the code's excepted) by
+# 1/sqrt(frequency):
 # with 1/sqrt the distilled tokens of one build showed 53% of damaged held-out cells as damaged (the
 # tower's head saw 80%); with 1/frequency 65%, and 74% with distillation also run twice as long.
 DAMAGE_RARITY_POWER = 1.0
@@ -79,8 +81,7 @@ def image_twin(report: dict) -> str:
 
 def twin_token_ids(tokenizer, targets: torch.Tensor) -> torch.Tensor:
     """``[panels, len(SPOTS), 2]`` targets (patch, class) -> the twin's token ids ``[panels, len(TWIN_SPOTS)]``."""
-    vocabulary = [token for tokens in FACT_TOKENS.values() for token in tokens]
-    ids = dict(zip(vocabulary, tokenizer.convert_tokens_to_ids(vocabulary), strict=True))
+    ids = dict(zip(VOCABULARY, tokenizer.convert_tokens_to_ids(VOCABULARY), strict=True))
     if tokenizer.unk_token_id in ids.values():
         raise ValueError("the tokenizer lacks some of the twin's tokens: train it with special_twin_tokens()")
     return torch.tensor([[ids[token] for token in twin_tokens(classes)] for classes in targets[:, :, 1].tolist()])
@@ -89,7 +90,7 @@ def twin_token_ids(tokenizer, targets: torch.Tensor) -> torch.Tensor:
 def twin_vocabulary(tokenizer) -> torch.Tensor:
     """Every twin token id (the gauge's digits are among the code's glyphs): what a visual token is told
     apart from."""
-    return torch.tensor([i for tokens in FACT_TOKENS.values() for i in tokenizer.convert_tokens_to_ids(tokens)])
+    return torch.tensor(tokenizer.convert_tokens_to_ids(VOCABULARY))
 
 
 def distil_projector(projector: QueryPoolProjector, features: torch.Tensor, twin_ids: torch.Tensor,
@@ -106,9 +107,9 @@ def distil_projector(projector: QueryPoolProjector, features: torch.Tensor, twin
     table = embeddings[vocabulary].detach()
     position = {int(t): i for i, t in enumerate(vocabulary)}
     labels = twin_ids.clone().apply_(lambda t: position[t])
-    weights = rarity_weights(labels, torch.tensor([DAMAGE_RARITY_POWER if kind == "damage" else 0.5
-                                                   for kind in TWIN_KINDS]))
-    weights[:, :len(CODE_SLOTS)] = 1.0  # the code's characters are uniform by design: nothing to rebalance
+    # The code's characters are uniform by design (power 0: nothing to rebalance).
+    powers = {"code": 0.0, "damage": DAMAGE_RARITY_POWER}
+    weights = rarity_weights(labels, torch.tensor([powers.get(kind, 0.5) for kind in TWIN_KINDS]))
     optimizer = torch.optim.AdamW(projector.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     history, started = [], time.perf_counter()
@@ -166,8 +167,7 @@ def twin_accuracy(projector: QueryPoolProjector, features: torch.Tensor, twin_id
     result = {name: float(right[:, columns].float().mean()) for name, columns in groups.items()}
     result["code_exact"] = float(right[:, :len(CODE_SLOTS)].all(1).float().mean())
     # Nine cells in ten are intact: of the damaged ones, how many come out as some damage at all.
-    order = [token for tokens in FACT_TOKENS.values() for token in tokens]  # ``twin_vocabulary``'s order
-    intact = vocabulary[[i for i, token in enumerate(order) if token.endswith(" intact>")]]
+    intact = vocabulary[[i for i, token in enumerate(VOCABULARY) if token.endswith(" intact>")]]
     cells = nearest[:, groups["damage"]], twin_ids[:, groups["damage"]]
     damaged = ~torch.isin(cells[1], intact)
     result["damage_recall"] = float((~torch.isin(cells[0], intact))[damaged].float().mean())
