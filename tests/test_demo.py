@@ -1,8 +1,10 @@
 """The demo recipe's parts: both contrastive losses on hand-checked cases, the per-patch fact targets,
 the scorer's rules, the corpus tokenizer, and a tiny tower and LM saved and loaded the way the VLM loads them."""
 
+import dataclasses
 import json
 import math
+import platform
 import random
 
 import pytest
@@ -38,11 +40,15 @@ from vlm.demo.contrastive import (
 )
 from vlm.demo.lm import (
     GATE_CATEGORIES,
+    cell_question_records,
+    compose_damage_embeddings,
     corpus_texts,
     instruction_records,
     instruction_tune,
     length_grouped_batches,
+    lm_config,
     pack,
+    panel_metas,
     panel_twins,
     pretrain_lm,
     question_records,
@@ -50,10 +56,11 @@ from vlm.demo.lm import (
     train_tokenizer,
     tune_until_it_answers,
 )
-from vlm.demo.recipe import QUICK, folder_megabytes, save_fp16, stage2_records
+from vlm.demo.recipe import QUICK, folder_megabytes, keep_freed_memory, save_fp16, stage2_records
 from vlm.demo.score import judge, score
 from vlm.demo.twin import (
     DAMAGE_STATES,
+    DAMAGE_WORDS,
     FACT_TOKENS,
     TWIN_SPOTS,
     distil_projector,
@@ -365,14 +372,30 @@ def test_report_codes_counts_reports_that_carry_the_panels_code(corpus):
 
 def test_instruction_records_add_a_share_of_reports_and_descriptions(corpus):
     root, _ = corpus
-    questions = question_records(root / "data")
+    questions, cells = question_records(root / "data"), cell_question_records(root / "data")
     records = instruction_records(root / "data", long_share=0.1)
-    longs = records[len(questions):]
-    assert records[:len(questions)] == questions and len(longs) == round(0.1 * len(questions)) < 2 * 24
+    longs = records[len(questions) + len(cells):]
+    assert records[:len(questions) + len(cells)] == questions + cells
+    assert len(longs) == round(0.1 * len(questions)) < 2 * 24
     assert all(r["id"].endswith(("_report", "_detail")) for r in longs) and len({r["id"] for r in longs}) == len(longs)
     assert {r["id"][-7:] for r in longs} == {"_report", "_detail"}
     everything = instruction_records(root / "data", long_share=10.0)  # more than there are: all of them
-    assert len(everything) - len(questions) == 2 * 24
+    assert len(everything) - len(questions) - len(cells) == 2 * 24
+
+
+def test_cell_questions_ask_every_damaged_cell_and_as_many_intact_ones(corpus):
+    root, _ = corpus
+    metas = panel_metas(root / "data")
+    records = cell_question_records(root / "data", seed=3)
+    assert records == cell_question_records(root / "data", seed=3)
+    for meta in metas:
+        damaged = {item["location"]: item["type"] for item in meta["report"]["damage"]}
+        asked = {r["id"].split("_damage_")[1]: r["conversations"] for r in records if r["image"] == meta["image"]}
+        assert set(damaged) <= set(asked) and len(asked) == (2 * len(damaged) or 1)
+        for cell, (question, answer) in asked.items():
+            assert f"at the {cell} of the panel?" in question["value"] and question["value"].startswith("<image>\n")
+            assert answer["value"] == damaged.get(cell, "none")
+    assert any(m["report"]["damage"] for m in metas) and any(not m["report"]["damage"] for m in metas)
 
 
 def test_length_grouped_batches_are_all_short_or_all_long_in_proportion():
@@ -422,6 +445,23 @@ def test_instruction_tuning_lowers_the_reply_loss_and_saves(corpus, tmp_path):
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
+def test_damage_tokens_start_as_the_sum_of_their_words(corpus):
+    _, tokenizer = corpus
+    model = AutoModelForCausalLM.from_config(lm_config(tokenizer, hidden_size=32, layers=1))
+    before = model.get_input_embeddings().weight.detach().clone()
+    compose_damage_embeddings(model, tokenizer)
+    after = model.get_input_embeddings().weight.detach()
+
+    def words(text: str) -> torch.Tensor:
+        return before[tokenizer(text, add_special_tokens=False)["input_ids"]].mean(0)
+
+    damage_ids = tokenizer.convert_tokens_to_ids(FACT_TOKENS["damage"])
+    for (location, state), token_id in zip(DAMAGE_WORDS, damage_ids, strict=True):
+        assert torch.allclose(after[token_id], words(" " + location) + words(" " + state))
+    others = sorted(set(range(len(after))) - set(damage_ids))
+    assert torch.equal(after[others], before[others])  # the lamps' tokens and every word are left as drawn
+
+
 def test_tiny_lm_pretrains_and_loads(corpus):
     root, tokenizer = corpus
     result = pretrain_lm(corpus_texts(root / "data", tokenizer), tokenizer, root / "lm", steps=12, batch_size=4,
@@ -452,6 +492,18 @@ def test_tiny_tower_trains_saves_and_loads_as_a_vision_tower(corpus, tmp_path):
     processor = load_image_processor(str(tmp_path / "tower"))
     features = tower(processor(list(images[:2]), return_tensors="pt")["pixel_values"])
     assert features.shape == (2, (SPEC.image_size // SPEC.patch_size) ** 2, SPEC.width)
+
+
+def test_tower_spec_sets_the_saved_towers_heads_and_activation(tmp_path):
+    spec = dataclasses.replace(SPEC, head_width=32, activation="gelu")
+    save_tower(Contrastive(build_clip(spec, 32, 5, 3), "siglip"), spec, tmp_path / "tower")
+    config = load_vision_encoder(str(tmp_path / "tower")).config
+    assert (config.num_attention_heads, config.hidden_act) == (SPEC.width // 32, "gelu")
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's; elsewhere it does nothing")
+def test_keep_freed_memory_takes_effect_on_glibc():
+    assert keep_freed_memory()
 
 
 def test_save_fp16_halves_the_files_and_loads_as_fp32(tiny_model, tmp_path):

@@ -234,11 +234,14 @@ class TowerSpec:
     text_width: int = 192
     text_layers: int = 3
     embed_dim: int = 128
+    head_width: int = 32  # the vision tower's attention heads: width // head_width of them
+    activation: str = "quick_gelu"
 
 
 def build_clip(spec: TowerSpec, vocab_size: int, eos_token_id: int, pad_token_id: int) -> CLIPModel:
     vision = dict(hidden_size=spec.width, intermediate_size=4 * spec.width, num_hidden_layers=spec.layers,
-                  num_attention_heads=spec.width // 32, image_size=spec.image_size, patch_size=spec.patch_size)
+                  num_attention_heads=spec.width // spec.head_width, hidden_act=spec.activation,
+                  image_size=spec.image_size, patch_size=spec.patch_size)
     text = dict(hidden_size=spec.text_width, intermediate_size=4 * spec.text_width, num_hidden_layers=spec.text_layers,
                 num_attention_heads=spec.text_width // 32, vocab_size=vocab_size, max_position_embeddings=128,
                 eos_token_id=eos_token_id, pad_token_id=pad_token_id, bos_token_id=eos_token_id)

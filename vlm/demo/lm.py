@@ -24,8 +24,8 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config
 
 from vlm.demo.score import answer_from_twins, score
-from vlm.demo.twin import image_twin, special_twin_tokens
-from vlm.synth import REPORT_PROMPTS
+from vlm.demo.twin import DAMAGE_WORDS, FACT_TOKENS, image_twin, special_twin_tokens
+from vlm.synth import LOCATIONS, REPORT_PROMPTS, SHORT, damage_question
 from vlm.testing import CHATML_TEMPLATE
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
@@ -95,6 +95,23 @@ def lm_config(tokenizer: PreTrainedTokenizerFast, hidden_size: int = 256, layers
                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
 
 
+@torch.no_grad()
+def compose_damage_embeddings(model, tokenizer: PreTrainedTokenizerFast) -> None:
+    """Start each cell's damage token (``<top-left dent>``) as the sum of the mean embeddings of its words'
+    tokens (" top-left", " dent"): the six tokens of a cell then share a direction from the first step,
+    as the question's words do, and the LM can find the asked cell among nine.
+
+    Gate panels, from the exact twins, after instruction rounds 1 and 2 (damage present/absent, type, %):
+    plain start and the folder's questions: 86 / 85, 79 / 79; with ``cell_question_records``: 88.5 / 84.5,
+    85 / 80.5; with both: 95 / 96, 94 / 98. Composing the lamp tokens too (``<FAULT on>`` from the code's
+    capital letters) kept the LM from copying the code in those two rounds.
+    """
+    embeddings = model.get_input_embeddings().weight
+    for (location, state), token in zip(DAMAGE_WORDS, FACT_TOKENS["damage"], strict=True):
+        words = [tokenizer(" " + word, add_special_tokens=False)["input_ids"] for word in (location, state)]
+        embeddings[tokenizer.convert_tokens_to_ids(token)] = sum(embeddings[ids].mean(0) for ids in words)
+
+
 def pack(token_lists: list[list[int]], length: int) -> torch.Tensor:
     """Concatenate documents (each ends in eos) and cut into rows of ``length`` tokens, as LLM pretraining does."""
     flat = [t for tokens in token_lists for t in tokens]
@@ -132,6 +149,7 @@ def pretrain_lm(texts: list[str], tokenizer: PreTrainedTokenizerFast, out_dir: s
     random.Random(seed).shuffle(texts)
     rows = pack(tokenizer(texts, add_special_tokens=False)["input_ids"], seq_len)
     model = AutoModelForCausalLM.from_config(lm_config(tokenizer, hidden_size, layers))
+    compose_damage_embeddings(model, tokenizer)
     generator = torch.Generator().manual_seed(seed)
 
     def next_batch() -> dict:
@@ -170,9 +188,28 @@ def question_records(data_dir: str | Path) -> list[dict]:
     return records
 
 
+def cell_question_records(data_dir: str | Path, seed: int = 0) -> list[dict]:
+    """For each panel of a synth folder, the damage question about every damaged cell and about as many
+    intact cells (one at least), drawn with ``seed``: the LM must find the asked cell's twin token.
+
+    The folder's own questions ask about one cell per panel, a damaged one 70% of the time, and an LM
+    tuned on them answered by whichever damage the twin held: damage present/absent 86% and type 79%
+    right from the exact twins of the gate panels, round after round. With these as well, 95% and 94%.
+    """
+    rng, records = random.Random(seed), []
+    for meta in panel_metas(data_dir):
+        damaged = {item["location"]: item["type"] for item in meta["report"]["damage"]}
+        intact = [cell for cell in LOCATIONS if cell not in damaged]
+        for cell in [*damaged, *rng.sample(intact, max(1, len(damaged)))]:
+            question, answer, _ = damage_question(cell, damaged.get(cell, "none"), rng)
+            records.append({"id": f"{meta['id']}_damage_{cell}", "image": meta["image"], "conversations": [
+                {"from": "human", "value": f"<image>\n{question}{SHORT}"}, {"from": "gpt", "value": answer}]})
+    return records
+
+
 def instruction_records(data_dir: str | Path, long_share: float = 0.2, seed: int = 0) -> list[dict]:
-    """``question_records`` plus JSON reports and detailed descriptions of the same folder (``instruct.json``),
-    as many as ``long_share`` of the questions, drawn at random with ``seed``.
+    """``question_records`` and ``cell_question_records``, plus JSON reports and detailed descriptions of the
+    same folder (``instruct.json``), as many as ``long_share`` of the questions, drawn at random with ``seed``.
 
     On questions alone the LM forgets every other format: one build's LM, given an exact twin and the
     report prompt, answered with a bare code (0 of 40 reports); 1,000 more steps with reports and
@@ -181,7 +218,8 @@ def instruction_records(data_dir: str | Path, long_share: float = 0.2, seed: int
     questions = question_records(data_dir)
     longs = [r for r in json.loads((Path(data_dir) / "instruct.json").read_text())
              if r["id"].endswith(("_report", "_detail"))]
-    return questions + random.Random(seed).sample(longs, min(len(longs), round(long_share * len(questions))))
+    return (questions + cell_question_records(data_dir, seed) +
+            random.Random(seed).sample(longs, min(len(longs), round(long_share * len(questions)))))
 
 
 # What the stand-in LM must answer from exact twins before the recipe goes on: the demo's targets.

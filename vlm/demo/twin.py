@@ -26,6 +26,8 @@ from vlm.demo.contrastive import CODE_SLOTS, GLYPHS, IGNORE, SPOTS, fact_classes
 from vlm.projector import QueryPoolProjector
 from vlm.synth.panels import DAMAGE_TYPES, LAMP_LABELS, LOCATIONS
 
+# The words each cell's damage token stands for, in the damage tokens' order.
+DAMAGE_WORDS: list[tuple[str, str]] = [(location, state) for location in LOCATIONS for state in ("intact", *DAMAGE_TYPES)]
 # The token of each class of each kind of fact; class numbers are the fact heads' (``spot_targets``).
 # A lamp slot with no lamp (panels have 2-4) gets its own token.
 FACT_TOKENS: dict[str, list[str]] = {
@@ -35,7 +37,7 @@ FACT_TOKENS: dict[str, list[str]] = {
     # One token per cell and state ("<top-left dent>"), as a lamp's token carries its label: from
     # "<intact>"/"<dent>" in grid order the LM had to count to the asked cell, and answered damage
     # present/absent 80% and its type 75% right from the exact twin (81% and 89.5% with these).
-    "damage": [f"<{location} {state}>" for location in LOCATIONS for state in ("intact", *DAMAGE_TYPES)],
+    "damage": [f"<{location} {state}>" for location, state in DAMAGE_WORDS],
 }
 DAMAGE_STATES = 1 + len(DAMAGE_TYPES)
 VOCABULARY: list[str] = [token for tokens in FACT_TOKENS.values() for token in tokens]  # ``twin_vocabulary``'s order

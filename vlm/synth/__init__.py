@@ -26,7 +26,7 @@ from vlm.synth.panels import (
 )
 
 __all__ = ["ACTIONS", "CATEGORIES", "DAMAGE_TYPES", "LAMP_LABELS", "LOCATIONS", "REPORT_FIELDS", "SEVERITIES",
-           "assess", "generate_panel", "make_report", "panel_texts", "write_dataset"]
+           "assess", "damage_question", "generate_panel", "make_report", "panel_texts", "write_dataset"]
 
 CATEGORIES = ("asset_code", "lamp", "gauge", "damage", "warning", "severity", "action")
 SHORT = "\nAnswer the question using a single word or phrase."
@@ -52,6 +52,14 @@ def _damage_text(damage: list[dict]) -> str:
     return " and ".join(f"{NOUN[d['type']]} at the {d['location']}" for d in damage) or "no visible damage"
 
 
+def damage_question(where: str, kind: str, rng: random.Random) -> tuple[str, str, str]:
+    """The damage question about one cell of the 3x3 grid: (question, short answer, full sentence);
+    ``kind`` is a damage type or "none"."""
+    return (rng.choice((f"What type of damage is visible at the {where} of the panel?",
+                        f"What damage, if any, is at the {where} of the panel?")),
+            kind, f"There is {NOUN[kind]} at the {where}." if kind != "none" else f"The {where} shows no damage.")
+
+
 def _questions(report: dict, rng: random.Random) -> dict[str, tuple[str, str, str]]:
     """Per category: (question, short gold answer, full-sentence answer)."""
     lamp = rng.choice(report["lamps"])
@@ -70,9 +78,7 @@ def _questions(report: dict, rng: random.Random) -> dict[str, tuple[str, str, st
         "gauge": (rng.choice(("What does the gauge read?", "What value is the gauge needle pointing to?",
                               "What is the gauge reading on its 0-100 scale?")),
                   str(report["gauge_reading"]), f"The gauge reads {report['gauge_reading']} on its 0-100 scale."),
-        "damage": (rng.choice((f"What type of damage is visible at the {where} of the panel?",
-                               f"What damage, if any, is at the {where} of the panel?")),
-                   kind, f"There is {NOUN[kind]} at the {where}." if kind != "none" else f"The {where} shows no damage."),
+        "damage": damage_question(where, kind, rng),
         "warning": (rng.choice(("Is there a warning label on the panel?", "Does the panel carry a yellow warning sticker?")),
                     "yes" if report["warning_label"] else "no",
                     "Yes, a yellow warning triangle is stuck on the panel." if report["warning_label"]
