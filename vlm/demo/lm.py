@@ -194,7 +194,8 @@ def cell_question_records(data_dir: str | Path, seed: int = 0) -> list[dict]:
 
     The folder's own questions ask about one cell per panel, a damaged one 70% of the time, and an LM
     tuned on them answered by whichever damage the twin held: damage present/absent 86% and type 79%
-    right from the exact twins of the gate panels, round after round. With these as well, 95% and 94%.
+    right from the exact twins of the gate panels, round after round. With these and
+    ``compose_damage_embeddings``, 95% and 94% after one round (88.5% and 85% with these alone).
     """
     rng, records = random.Random(seed), []
     for meta in panel_metas(data_dir):
