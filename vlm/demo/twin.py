@@ -169,7 +169,8 @@ def twin_accuracy(projector: QueryPoolProjector, features: torch.Tensor, twin_id
     result = {name: float(right[:, columns].float().mean()) for name, columns in groups.items()}
     result["code_exact"] = float(right[:, :len(CODE_SLOTS)].all(1).float().mean())
     # Nine cells in ten are intact: of the damaged ones, how many come out as some damage at all.
-    intact = vocabulary[[i for i, token in enumerate(VOCABULARY) if token.endswith(" intact>")]]
+    intact = vocabulary[[VOCABULARY.index(token) for (_, state), token in zip(DAMAGE_WORDS, FACT_TOKENS["damage"],
+                                                                              strict=True) if state == "intact"]]
     cells = nearest[:, groups["damage"]], twin_ids[:, groups["damage"]]
     damaged = ~torch.isin(cells[1], intact)
     result["damage_recall"] = float((~torch.isin(cells[0], intact))[damaged].float().mean())
