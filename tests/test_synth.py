@@ -223,3 +223,11 @@ def test_layout_points_at_what_is_drawn():
                 assert (g if lamp["colour"] == "green" else b) > r + 40, (index, lamp)
                 checked += 1
     assert checked >= 5
+
+
+def test_code_characters_get_a_patch_each_at_128_px():
+    """The demo tower sees 128 px in 8-px patches: no two code characters may be centred in the same patch."""
+    for index in range(40):
+        _, truth = generate_panel(11, index, 128)
+        xs = np.array(truth["camera"]["layout"]["code"])[:, 0]
+        assert np.diff(xs).min() > 8, index  # more than a patch apart across, so never in one column

@@ -87,12 +87,13 @@ class Budget:
     # 4,000: with four heads of 32 one build got 3,190 steps in its 45 min; SPEC's heads and GELU and
     # ``keep_freed_memory`` take 13% (1 core: 1.12 -> 0.97 s) to 23% (2 cores: 0.65 -> 0.50 s) off a step.
     tower_steps: int = 4000
-    tower_minutes: float | None = 45
+    tower_minutes: float | None = 43.5
     tower_batch: int = 32
     tower_lr: float = 2e-3
-    # 95 s. Held-out, nearest twin token, one build's tower: letters 68.5 / 75%, whole codes 36 / 41%,
-    # damaged cells seen 65 / 74%, gauge within +/-5 45.5 / 55% after 2,000 / 4,000 steps.
-    distil_steps: int = 4000
+    # Held-out, nearest twin token, one build's tower: letters 68.5 / 75%, whole codes 36 / 41%, damaged
+    # cells seen 65 / 74%, gauge within +/-5 45.5 / 55% after 2,000 / 4,000 steps; on a later tower, whole
+    # codes 50.5 / 53.5% after 4,000 / 8,000 (89 / 180 s). The tower's cap gave up 1.5 min for the latter.
+    distil_steps: int = 8000
     distil_panels: int | None = None  # all: stage 1 needs the tower's features of every panel anyway
     align_steps: int = 300
     instruct_steps: int = 1000
