@@ -6,6 +6,7 @@ import json
 import math
 import platform
 import random
+import re
 
 import pytest
 import torch
@@ -53,11 +54,12 @@ from vlm.demo.lm import (
     pretrain_lm,
     question_records,
     report_codes,
+    sentence_records,
     train_tokenizer,
     tune_until_it_answers,
 )
 from vlm.demo.recipe import QUICK, folder_megabytes, keep_freed_memory, save_fp16, stage2_records
-from vlm.demo.score import judge, score
+from vlm.demo.score import judge, score, written_codes
 from vlm.demo.twin import (
     DAMAGE_STATES,
     DAMAGE_WORDS,
@@ -319,10 +321,10 @@ def test_corpus_puts_the_twin_where_the_image_goes(corpus):
 
 class _Copier:
     """Answers every prompt with the code that starts its user turn: a perfect copier, to check the scoring.
-    ``report``: the code inside a JSON report's ``asset_code``."""
+    ``report``: a JSON report with the code and the twin's lamps; ``sentence``: the code in a sentence."""
 
-    def __init__(self, tokenizer, wrong: bool = False, report: bool = False) -> None:
-        self.tokenizer, self.wrong, self.report = tokenizer, wrong, report
+    def __init__(self, tokenizer, wrong: bool = False, report: bool = False, sentence: bool = False) -> None:
+        self.tokenizer, self.wrong, self.report, self.sentence = tokenizer, wrong, report, sentence
 
     def eval(self) -> "_Copier":
         return self
@@ -333,7 +335,11 @@ class _Copier:
             prompt = self.tokenizer.decode(ids[mask.bool()])
             answer = prompt.split("user\n")[1].split("<")[0]
             answer = answer[::-1] if self.wrong else answer
-            answer = json.dumps({"asset_code": answer, "gauge_reading": 1}) if self.report else answer
+            if self.report:  # the lamps as the twin holds them (``<PWR on>``), states flipped when wrong
+                lamps = [{"label": label, "colour": "green", "on": (state == "on") != self.wrong}
+                         for label, state in re.findall(r"<([A-Z]+) (on|off)>", prompt)]
+                answer = json.dumps({"asset_code": answer, "lamps": lamps, "gauge_reading": 1})
+            answer = f"The asset tag reads {answer}." if self.sentence else answer
             rows.append(ids.tolist() + self.tokenizer(answer + "<|im_end|>", add_special_tokens=False)["input_ids"])
         width = max(map(len, rows))
         return torch.tensor([row + [self.tokenizer.pad_token_id] * (width - len(row)) for row in rows])
@@ -360,6 +366,7 @@ def test_scoring_from_true_twins_puts_each_panels_twin_where_the_image_goes(corp
     result = score(_Copier(tokenizer), tokenizer, root / "data", twins=twins)  # it answers every question with the code
     assert result["asset_code"] == 1.0 and result["n_asset_code"] == 24
     assert result["lamp"] == 0.0 and result["n_lamp"] == 24
+    assert result["asset_code_chat"] == 1.0 and result["n_asset_code_chat"] == 24  # asked once per panel
     assert score(_Copier(tokenizer, wrong=True), tokenizer, root / "data", twins=twins)["asset_code"] == 0.0
 
 
@@ -370,17 +377,43 @@ def test_report_codes_counts_reports_that_carry_the_panels_code(corpus):
     assert report_codes(_Copier(tokenizer), tokenizer, root / "data") == 0.0  # a bare code is not a report
 
 
+def test_written_codes_find_the_code_inside_a_sentence(corpus):
+    root, tokenizer = corpus
+    twins = panel_twins(root / "data")
+    assert written_codes(_Copier(tokenizer, sentence=True), tokenizer, root / "data", twins=twins, limit=5) == 1.0
+    assert written_codes(_Copier(tokenizer, sentence=True, wrong=True), tokenizer, root / "data", twins=twins) == 0.0
+    half = written_codes(_Copier(tokenizer, sentence=True), tokenizer, root / "data", twins=twins,
+                         find=re.compile(r"reads ([A-Z]{2}-\d{2}[0-4]\d)"))  # only codes whose 3rd digit is 0-4
+    codes = [m["report"]["asset_code"] for m in panel_metas(root / "data")]
+    assert half == sum(code[5] in "01234" for code in codes) / len(codes)
+
+
 def test_instruction_records_add_a_share_of_reports_and_descriptions(corpus):
     root, _ = corpus
-    questions, cells = question_records(root / "data"), cell_question_records(root / "data")
+    shorts = question_records(root / "data") + cell_question_records(root / "data") + sentence_records(root / "data")
     records = instruction_records(root / "data", long_share=0.1)
-    longs = records[len(questions) + len(cells):]
-    assert records[:len(questions) + len(cells)] == questions + cells
-    assert len(longs) == round(0.1 * len(questions)) < 2 * 24
+    longs = records[len(shorts):]
+    assert records[:len(shorts)] == shorts
+    assert len(longs) == round(0.1 * len(question_records(root / "data"))) < 2 * 24
     assert all(r["id"].endswith(("_report", "_detail")) for r in longs) and len({r["id"] for r in longs}) == len(longs)
     assert {r["id"][-7:] for r in longs} == {"_report", "_detail"}
     everything = instruction_records(root / "data", long_share=10.0)  # more than there are: all of them
-    assert len(everything) - len(questions) - len(cells) == 2 * 24
+    assert len(everything) - len(shorts) == 2 * 24
+
+
+def test_sentence_records_ask_the_copied_facts_as_a_user_does_and_answer_in_a_sentence(corpus):
+    root, _ = corpus
+    metas = panel_metas(root / "data")
+    records = sentence_records(root / "data", seed=1)
+    assert records == sentence_records(root / "data", seed=1) and len(records) == 2 * len(metas)
+    for meta in metas:
+        report = meta["report"]
+        code, gauge = (next(r["conversations"] for r in records if r["id"] == f"{meta['id']}_{c}_sentence")
+                       for c in ("asset_code", "gauge"))
+        assert code[0]["value"].startswith("<image>\n") and "Answer" not in code[0]["value"]
+        assert code[1]["value"] == f"The asset tag reads {report['asset_code']}."
+        assert f"reads {report['gauge_reading']} " in gauge[1]["value"]
+    assert len({r["conversations"][0]["value"] for r in records if r["id"].endswith("code_sentence")}) > 1
 
 
 def test_cell_questions_ask_every_damaged_cell_and_as_many_intact_ones(corpus):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -231,3 +232,16 @@ def test_code_characters_get_a_patch_each_at_128_px():
         _, truth = generate_panel(11, index, 128)
         xs = np.array(truth["camera"]["layout"]["code"])[:, 0]
         assert np.diff(xs).min() > 8, index  # more than a patch apart across, so never in one column
+
+
+def test_code_print_fills_most_of_the_plate_height():
+    """The print is stretched upright: its ink spans more than half of the tag plate's height (0.4 unstretched)."""
+    from vlm.synth.panels import _draw_panel, sample_truth
+    for index in range(6):
+        truth = sample_truth(random.Random(index)) | {"damage": [], "warning_label": False}
+        panel, _ = _draw_panel(truth, 200, 200, random.Random(index))
+        # The plate spans rows 13-60 of this panel; its middle columns hold only the code.
+        plate = np.asarray(panel.convert("RGB"), dtype=np.float32)[16:58, 40:160]
+        background = np.median(plate.reshape(-1, 3), axis=0)
+        inked_rows = np.flatnonzero((np.abs(plate - background).sum(-1) > 150).any(1))
+        assert inked_rows[-1] - inked_rows[0] + 1 > 0.5 * (60 - 13), (index, inked_rows)

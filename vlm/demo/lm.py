@@ -23,9 +23,9 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config
 
-from vlm.demo.score import answer_from_twins, score
+from vlm.demo.score import panel_metas, score, written_codes
 from vlm.demo.twin import DAMAGE_WORDS, FACT_TOKENS, image_twin, special_twin_tokens
-from vlm.synth import LOCATIONS, REPORT_PROMPTS, SHORT, damage_question
+from vlm.synth import LOCATIONS, REPORT_PROMPTS, SHORT, damage_question, panel_questions
 from vlm.testing import CHATML_TEMPLATE
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
@@ -36,12 +36,6 @@ def conversations_to_messages(conversations: list[dict], image_text: str = "") -
     """LLaVA turns -> chat messages, the image placeholder replaced by ``image_text``."""
     return [{"role": ROLES[turn["from"]], "content": turn["value"].replace("<image>", image_text).strip()}
             for turn in conversations]
-
-
-def panel_metas(data_dir: str | Path, limit: int | None = None) -> list[dict]:
-    """The first ``limit`` records of a synth folder's ``meta.jsonl`` (truth, report, camera), in order."""
-    lines = (Path(data_dir) / "meta.jsonl").read_text().splitlines()[:limit]
-    return [json.loads(line) for line in lines if line]
 
 
 def panel_twins(data_dir: str | Path) -> dict[str, str]:
@@ -208,8 +202,27 @@ def cell_question_records(data_dir: str | Path, seed: int = 0) -> list[dict]:
     return records
 
 
+def sentence_records(data_dir: str | Path, seed: int = 0) -> list[dict]:
+    """For each panel of a synth folder, the ``COPIED_TWICE`` questions as a user asks them (no answer
+    format asked) with the full-sentence answer ("The asset tag reads KX-4821."), phrasings drawn with ``seed``.
+
+    Copying the code after "What is the asset code?" is a skill of its own: one build's LM copied it
+    into 100% of short answers from the exact twins and its model read 77% of held-out codes, yet that
+    model put the right code into "The asset tag reads ..." for 4% of them (digits shifted by one); an
+    earlier build, whose LM did copy codes into reports, had 57.5% there, as many as in short answers.
+    """
+    rng, records = random.Random(seed), []
+    for meta in panel_metas(data_dir):
+        asked = panel_questions(meta["report"], rng)
+        for category in COPIED_TWICE:
+            question, _, sentence = asked[category]
+            records.append({"id": f"{meta['id']}_{category}_sentence", "image": meta["image"], "conversations": [
+                {"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": sentence}]})
+    return records
+
+
 def instruction_records(data_dir: str | Path, long_share: float = 0.2, seed: int = 0) -> list[dict]:
-    """``question_records`` and ``cell_question_records``, plus JSON reports and detailed descriptions of the
+    """``question_records``, ``cell_question_records`` and ``sentence_records``, plus JSON reports and detailed descriptions of the
     same folder (``instruct.json``), as many as ``long_share`` of the questions, drawn at random with ``seed``.
 
     On questions alone the LM forgets every other format: one build's LM, given an exact twin and the
@@ -219,23 +232,20 @@ def instruction_records(data_dir: str | Path, long_share: float = 0.2, seed: int
     questions = question_records(data_dir)
     longs = [r for r in json.loads((Path(data_dir) / "instruct.json").read_text())
              if r["id"].endswith(("_report", "_detail"))]
-    return (questions + cell_question_records(data_dir, seed) +
+    return (questions + cell_question_records(data_dir, seed) + sentence_records(data_dir, seed) +
             random.Random(seed).sample(longs, min(len(longs), round(long_share * len(questions)))))
 
 
 # What the stand-in LM must answer from exact twins before the recipe goes on: the demo's targets.
-GATE_CATEGORIES = ("asset_code", "lamp", "damage_present", "damage_type", "action", "gauge_within_5")
+GATE_CATEGORIES = ("asset_code", "asset_code_chat", "lamp", "damage_present", "damage_type", "action",
+                   "gauge_within_5")
 
 
 def report_codes(model, tokenizer: PreTrainedTokenizerFast, data_dir: str | Path, limit: int = 50) -> float:
     """Share of the first ``limit`` panels of ``data_dir`` whose report, written by the bare LM from the
     panel's exact twin, carries the panel's asset code (greedy, unconstrained)."""
-    metas = panel_metas(data_dir, limit)
-    prompts = [{"image": m["image"], "text": REPORT_PROMPTS[0]} for m in metas]
-    replies = answer_from_twins(model, tokenizer, prompts, {m["image"]: image_twin(m["report"]) for m in metas},
-                                max_new_tokens=256, desc="LM reports")
-    codes = [re.search(r'"asset_code": "([^"]*)"', reply) for reply in replies]
-    return sum(bool(c) and c.group(1) == m["report"]["asset_code"] for c, m in zip(codes, metas, strict=True)) / len(metas)
+    return written_codes(model, tokenizer, data_dir, REPORT_PROMPTS[0], re.compile(r'"asset_code": "([^"]*)"'), limit,
+                         panel_twins(data_dir), max_new_tokens=256, desc="LM reports")
 
 
 def tune_until_it_answers(texts_dir: str | Path, records: list[dict], tokenizer: PreTrainedTokenizerFast,
@@ -269,6 +279,8 @@ def tune_until_it_answers(texts_dir: str | Path, records: list[dict], tokenizer:
         rounds.append({"round": index + 1, "steps": steps, "seconds": round(tuned["seconds"], 1),
                        "final_loss": sum(h["loss"] for h in tuned["history"][-20:]) / len(tuned["history"][-20:]),
                        **gate(AutoModelForCausalLM.from_pretrained(lm_dir))})
+        print(f"LM round {index + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in rounds[-1]["answers"].items()),
+              flush=True)
     return rounds
 
 

@@ -72,7 +72,9 @@ class Budget:
     lm_steps: int = 1500
     lm_instruct_steps: int = 2500  # replies only: the LM learns to answer from the twin (see vlm.demo.lm.instruction_records)
     lm_instruct_more_steps: int = 1000  # further rounds until it does (vlm.demo.lm.tune_until_it_answers)
-    lm_instruct_rounds: int = 4  # the code in reports from exact twins, one build's rounds: 0, 38, 90, 100%
+    # The code in reports from exact twins by round, one build: 0, 38, 90, 100%; the next: 0, 0, 16, 30%
+    # (while its short answers had the code from round 3). The LM runs beside the tower: rounds are cheap.
+    lm_instruct_rounds: int = 6
     lm_long_share: float = 0.2  # reports and descriptions per question record (see vlm.demo.lm.instruction_records)
     lm_hidden: int = 128
     lm_layers: int = 4

@@ -2,7 +2,9 @@
 
 The categories the demo is held to: lamp state, damage present/absent (any damage question, judged
 on "none" vs a type), damage type (the damage questions whose answer is a type, exact), asset code
-(exact), recommended action (exact), gauge (within +/-5); warning and severity are reported too.
+(exact), recommended action (exact), gauge (within +/-5); warning and severity are reported too. And
+the code as a user asks for it (``CHAT_CODE_PROMPT``, no answer format asked): whether the reply, a
+sentence as a rule, carries the panel's code.
 """
 
 from __future__ import annotations
@@ -13,6 +15,10 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+
+# The question of the demo's acceptance check (``chat.py --prompt``); the synth questions ask it this way too.
+CHAT_CODE_PROMPT = "What is the asset code?"
+ASSET_CODE = re.compile(r"\b[A-Z]{2}-\d{4}\b")  # vlm.synth's format: two letters, dash, four digits
 
 
 def normalize(text: str) -> str:
@@ -71,9 +77,33 @@ def answer_from_twins(language_model, tokenizer, questions: list[dict], twins: d
     return answers
 
 
+def panel_metas(data_dir: str | Path, limit: int | None = None) -> list[dict]:
+    """The first ``limit`` records of a synth folder's ``meta.jsonl`` (truth, report, camera), in order."""
+    lines = (Path(data_dir) / "meta.jsonl").read_text().splitlines()[:limit]
+    return [json.loads(line) for line in lines if line]
+
+
+def written_codes(model, processor, data_dir: str | Path, prompt: str = CHAT_CODE_PROMPT,
+                  find: re.Pattern = ASSET_CODE, limit: int | None = None, twins: dict[str, str] | None = None,
+                  max_new_tokens: int = 16, desc: str = "codes in replies") -> float:
+    """Share of the first ``limit`` panels of ``data_dir`` whose greedy reply to ``prompt`` holds the panel's
+    asset code as the first match of ``find`` (its group 1 if it has one). ``twins``: as for ``score``."""
+    metas = panel_metas(data_dir, limit)
+    prompts = [{"image": m["image"], "text": prompt} for m in metas]
+    if twins is None:
+        replies = answer_questions(model, processor, prompts, Path(data_dir), max_new_tokens=max_new_tokens, desc=desc)
+    else:
+        replies = answer_from_twins(model, processor, prompts, twins, max_new_tokens=max_new_tokens, desc=desc)
+    group = 1 if find.groups else 0
+    found = [find.search(reply) for reply in replies]
+    return sum(f is not None and f.group(group) == m["report"]["asset_code"]
+               for f, m in zip(found, metas, strict=True)) / len(metas)
+
+
 def score(model, processor, data_dir: str | Path, limit: int | None = None, desc: str = "eval",
           answers_file: str | Path | None = None, twins: dict[str, str] | None = None) -> dict[str, float]:
     """Accuracy per category (fractions), plus ``n_<category>`` counts; answers optionally written as JSONL.
+    ``asset_code_chat``: ``written_codes`` on the panels of the scored questions.
 
     With ``twins``, ``model`` is a bare LM, ``processor`` its tokenizer, and the panels' twins stand
     for the images (``answer_from_twins``).
@@ -95,4 +125,8 @@ def score(model, processor, data_dir: str | Path, limit: int | None = None, desc
                                               for q, a in zip(questions, answers, strict=True)))
     result = {category: sum(h) / len(h) for category, h in sorted(hits.items())}
     result.update({f"n_{category}": len(h) for category, h in sorted(hits.items())})
+    panels = len({q["image"] for q in questions})  # a folder lists each panel's questions together
+    result["asset_code_chat"] = written_codes(model, processor, data_dir, limit=panels, twins=twins,
+                                              desc=f"{desc}: code in chat")
+    result["n_asset_code_chat"] = panels
     return result

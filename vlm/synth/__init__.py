@@ -60,8 +60,8 @@ def damage_question(where: str, kind: str, rng: random.Random) -> tuple[str, str
             kind, f"There is {NOUN[kind]} at the {where}." if kind != "none" else f"The {where} shows no damage.")
 
 
-def _questions(report: dict, rng: random.Random) -> dict[str, tuple[str, str, str]]:
-    """Per category: (question, short gold answer, full-sentence answer)."""
+def panel_questions(report: dict, rng: random.Random) -> dict[str, tuple[str, str, str]]:
+    """Per category: (question, short gold answer, full-sentence answer), phrasings drawn with ``rng``."""
     lamp = rng.choice(report["lamps"])
     # Ask about a damaged cell most of the time but not always, so the wording never leaks the answer.
     damaged = {d["location"]: d["type"] for d in report["damage"]}
@@ -69,10 +69,13 @@ def _questions(report: dict, rng: random.Random) -> dict[str, tuple[str, str, st
     kind = damaged.get(where, "none")
     sev, action, notes = report["overall_severity"], report["recommended_action"], report["notes"]
     return {
-        "asset_code": (rng.choice(("What is the asset code on the tag?", "Which asset code is printed on the plate?",
-                                   "Read the asset tag. What is the code?")),
+        "asset_code": (rng.choice(("What is the asset code?", "What is the asset code on the tag?",
+                                   "Which asset code is printed on the plate?", "Read the asset tag. What is the code?")),
                        report["asset_code"], f"The asset tag reads {report['asset_code']}."),
-        "lamp": (rng.choice((f"Is the {lamp['label']} lamp on or off?", f"What is the state of the {lamp['label']} lamp?")),
+        # Asked as people ask: the demo model, trained on the first two only, took "Is the FAULT lamp on?" for
+        # a question about another lamp.
+        "lamp": (rng.choice((f"Is the {lamp['label']} lamp on or off?", f"What is the state of the {lamp['label']} lamp?",
+                             f"Is the {lamp['label']} lamp on?", f"Is the {lamp['label']} lamp lit?")),
                  "on" if lamp["on"] else "off",
                  f"The {lamp['label']} lamp ({lamp['colour']}) is {'lit' if lamp['on'] else 'off'}."),
         "gauge": (rng.choice(("What does the gauge read?", "What value is the gauge needle pointing to?",
@@ -128,7 +131,7 @@ def panel_texts(truth: dict, seed: int, index: int) -> dict:
     caption = {"id": pid, "image": image, "conversations": [
         {"from": "human", "value": rng.choice(CAPTION_PROMPTS) + "\n<image>"},
         {"from": "gpt", "value": _caption(report, rng)}]}
-    qa = _questions(report, rng)
+    qa = panel_questions(report, rng)
     short = rng.sample(CATEGORIES, 2)
     chat = rng.sample(CATEGORIES, rng.randint(2, 3))
 

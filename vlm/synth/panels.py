@@ -38,6 +38,11 @@ RGB = {"green": (40, 225, 70), "amber": (255, 170, 20), "red": (245, 40, 30), "b
 SCREWS = {"top-left": (0.045, 0.045), "top-center": (0.5, 0.035), "top-right": (0.955, 0.045),
           "middle-left": (0.035, 0.5), "middle-right": (0.965, 0.5), "bottom-left": (0.045, 0.955),
           "bottom-center": (0.5, 0.965), "bottom-right": (0.955, 0.955)}
+# Where each row of cells has its damage drawn, as a share of the panel's height. The top row's is below
+# the code, at the tag plate's lower edge: at the row's centre it lay under the print, and the patch that
+# read a code character also had to tell what was under it. With the print also stretched (``_tag``), a
+# 600-step probe's damage head saw 67.4% of damaged held-out cells, against 55.6% (both changes at once).
+CELL_ROWS = (0.29, 0.5, 5 / 6)
 FACES = ((200, 202, 205), (176, 186, 196), (206, 198, 178), (150, 165, 150), (125, 135, 145))
 RUST = ((150, 75, 30), (120, 60, 25), (180, 100, 40), (95, 50, 30))
 
@@ -218,15 +223,28 @@ def _tag(d: ImageDraw.ImageDraw, code: str, pw: int, ph: int,
     # 8-px patch; here 12.0 (10.2-13.8). A tower's fact heads after 600 steps read letters / digits 32 / 51%
     # against 23 / 47%; spacing alone, glyphs shrunk to fit the old plate, read 19 / 42%: size matters too.
     font = _fit_font(code, 0.62 * (x1 - x0), 0.66 * (y1 - y0))
+    # Sized by the plate's width the print fills only 0.4 of its height: stretched upright, as condensed
+    # stamping fonts are, each glyph gets more pixel rows where B, P and R differ. Same probe, 600 steps:
+    # letters / digits 39.5 / 66.8% against 32 / 50.7% unstretched.
+    top, bottom = font.getbbox(code)[1::2]
+    stretch = min(1.6, 0.62 * (y1 - y0) / (bottom - top))
     advances = [font.getlength(c) for c in code]
     gap = (0.92 * (x1 - x0) - sum(advances)) / (len(code) - 1)
     cy, left = (y0 + y1) / 2, (x0 + x1) / 2 - 0.46 * (x1 - x0)
     centres = [(left + sum(advances[:i]) + i * gap + advances[i] / 2, cy) for i in range(len(code))]
+    rim = max(1, font.size // 14)
+
+    def glyph(c: str, stroke: int) -> Image.Image:
+        mask = Image.new("L", (round(font.getlength(c)) + 2 * stroke + 2, font.size + 2 * stroke + 2))
+        ImageDraw.Draw(mask).text((mask.width / 2, mask.height / 2), c, font=font, fill=255, anchor="mm",
+                                  stroke_width=stroke)
+        return mask.resize((mask.width, round(mask.height * stretch)), Image.Resampling.BICUBIC)
 
     def draw() -> None:
         # A rim of plate colour keeps the print readable where dark rust or soot lies under it.
         for c, (x, y) in zip(code, centres, strict=True):
-            d.text((x, y), c, font=font, fill=ink, anchor="mm", stroke_width=max(1, font.size // 14), stroke_fill=plate)
+            for mask, colour in ((glyph(c, rim), plate), (glyph(c, 0), ink)):
+                d.bitmap((round(x - mask.width / 2), round(y - mask.height / 2)), mask, fill=colour)
     return draw, centres
 
 
@@ -282,7 +300,7 @@ def _damage(d: ImageDraw.ImageDraw, item: dict, pw: int, ph: int, rng: random.Ra
         return  # drawn as an empty hole by the screw pass
     col, row = LOCATIONS.index(item["location"]) % 3, LOCATIONS.index(item["location"]) // 3
     s = min(pw, ph) / 3
-    cx, cy = (col + 0.5 + rng.uniform(-0.1, 0.1)) * pw / 3, (row + 0.5 + rng.uniform(-0.1, 0.1)) * ph / 3
+    cx, cy = (col + 0.5 + rng.uniform(-0.1, 0.1)) * pw / 3, (CELL_ROWS[row] + rng.uniform(-0.033, 0.033)) * ph
     kind, line = item["type"], max(2, round(min(pw, ph) / 110))
     if kind == "crack":
         a, length = rng.uniform(0, math.pi), s * rng.uniform(0.6, 0.8)
@@ -361,7 +379,7 @@ def _draw_panel(truth: dict, pw: int, ph: int, rng: random.Random) -> tuple[Imag
     damaged = {item["location"]: item["type"] for item in truth["damage"]}
     # A missing screw shows at its screw hole; every other damage (and "none") is judged at its cell's centre.
     cells = [((SCREWS[loc][0] * pw, SCREWS[loc][1] * ph) if damaged.get(loc) == "missing_screw"
-              else ((i % 3 + 0.5) * pw / 3, (i // 3 + 0.5) * ph / 3)) for i, loc in enumerate(LOCATIONS)]
+              else ((i % 3 + 0.5) * pw / 3, CELL_ROWS[i // 3] * ph)) for i, loc in enumerate(LOCATIONS)]
     layout = {"code": code_centres, "lamps": [(0.12 * pw + cell * (i + 0.5), 0.785 * ph) for i in range(len(truth["lamps"]))],
               "gauge": [(gx, gy)], "warning": [(wx, wy)], "cells": cells}
     return panel, layout
