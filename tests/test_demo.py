@@ -6,7 +6,6 @@ import json
 import math
 import platform
 import random
-import re
 
 import pytest
 import torch
@@ -59,7 +58,7 @@ from vlm.demo.lm import (
     tune_until_it_answers,
 )
 from vlm.demo.recipe import QUICK, folder_megabytes, keep_freed_memory, save_fp16, stage2_records
-from vlm.demo.score import judge, score, written_codes
+from vlm.demo.score import CHAT_CODE_PROMPT, judge, score
 from vlm.demo.twin import (
     DAMAGE_STATES,
     DAMAGE_WORDS,
@@ -321,7 +320,7 @@ def test_corpus_puts_the_twin_where_the_image_goes(corpus):
 
 class _Copier:
     """Answers every prompt with the code that starts its user turn: a perfect copier, to check the scoring.
-    ``report``: a JSON report with the code and the twin's lamps; ``sentence``: the code in a sentence."""
+    ``report``: the code inside a JSON report's ``asset_code``; ``sentence``: inside a sentence."""
 
     def __init__(self, tokenizer, wrong: bool = False, report: bool = False, sentence: bool = False) -> None:
         self.tokenizer, self.wrong, self.report, self.sentence = tokenizer, wrong, report, sentence
@@ -335,10 +334,7 @@ class _Copier:
             prompt = self.tokenizer.decode(ids[mask.bool()])
             answer = prompt.split("user\n")[1].split("<")[0]
             answer = answer[::-1] if self.wrong else answer
-            if self.report:  # the lamps as the twin holds them (``<PWR on>``), states flipped when wrong
-                lamps = [{"label": label, "colour": "green", "on": (state == "on") != self.wrong}
-                         for label, state in re.findall(r"<([A-Z]+) (on|off)>", prompt)]
-                answer = json.dumps({"asset_code": answer, "lamps": lamps, "gauge_reading": 1})
+            answer = json.dumps({"asset_code": answer, "gauge_reading": 1}) if self.report else answer
             answer = f"The asset tag reads {answer}." if self.sentence else answer
             rows.append(ids.tolist() + self.tokenizer(answer + "<|im_end|>", add_special_tokens=False)["input_ids"])
         width = max(map(len, rows))
@@ -377,15 +373,22 @@ def test_report_codes_counts_reports_that_carry_the_panels_code(corpus):
     assert report_codes(_Copier(tokenizer), tokenizer, root / "data") == 0.0  # a bare code is not a report
 
 
-def test_written_codes_find_the_code_inside_a_sentence(corpus):
+def test_the_code_asked_as_a_user_asks_is_right_when_the_reply_holds_it(corpus, tmp_path):
     root, tokenizer = corpus
     twins = panel_twins(root / "data")
-    assert written_codes(_Copier(tokenizer, sentence=True), tokenizer, root / "data", twins=twins, limit=5) == 1.0
-    assert written_codes(_Copier(tokenizer, sentence=True, wrong=True), tokenizer, root / "data", twins=twins) == 0.0
-    half = written_codes(_Copier(tokenizer, sentence=True), tokenizer, root / "data", twins=twins,
-                         find=re.compile(r"reads ([A-Z]{2}-\d{2}[0-4]\d)"))  # only codes whose 3rd digit is 0-4
-    codes = [m["report"]["asset_code"] for m in panel_metas(root / "data")]
-    assert half == sum(code[5] in "01234" for code in codes) / len(codes)
+    in_sentences = score(_Copier(tokenizer, sentence=True), tokenizer, root / "data", twins=twins,
+                         answers_file=tmp_path / "answers.jsonl")
+    assert in_sentences["asset_code_chat"] == 1.0 and in_sentences["asset_code"] == 0.0  # not a short answer
+    first_panel = json.loads((root / "data" / "meta.jsonl").read_text().splitlines()[0])
+    answers = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    asked = [a for a in answers if a["image"] == first_panel["image"]]
+    assert [a["category"] for a in asked][-1] == "asset_code_chat" and len(asked) == 8  # after the panel's own 7
+    assert asked[-1]["text"] == CHAT_CODE_PROMPT and asked[-1]["answer"] == first_panel["report"]["asset_code"]
+    limited = score(_Copier(tokenizer, sentence=True), tokenizer, root / "data", limit=10, twins=twins)
+    assert limited["n_asset_code_chat"] == 2  # the panels of the first 10 questions
+    assert judge("asset_code_chat", "KX-4821", "The asset tag reads KX-4821.") == {"asset_code_chat": True}
+    assert not judge("asset_code_chat", "KX-4821", "The asset tag reads KX-4827.")["asset_code_chat"]
+    assert not judge("asset_code_chat", "KX-4821", "KX-48210")["asset_code_chat"]  # a longer number is not it
 
 
 def test_instruction_records_add_a_share_of_reports_and_descriptions(corpus):

@@ -23,7 +23,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config
 
-from vlm.demo.score import panel_metas, score, written_codes
+from vlm.demo.score import answer_from_twins, panel_metas, score
 from vlm.demo.twin import DAMAGE_WORDS, FACT_TOKENS, image_twin, special_twin_tokens
 from vlm.synth import LOCATIONS, REPORT_PROMPTS, SHORT, damage_question, panel_questions
 from vlm.testing import CHATML_TEMPLATE
@@ -244,8 +244,12 @@ GATE_CATEGORIES = ("asset_code", "asset_code_chat", "lamp", "damage_present", "d
 def report_codes(model, tokenizer: PreTrainedTokenizerFast, data_dir: str | Path, limit: int = 50) -> float:
     """Share of the first ``limit`` panels of ``data_dir`` whose report, written by the bare LM from the
     panel's exact twin, carries the panel's asset code (greedy, unconstrained)."""
-    return written_codes(model, tokenizer, data_dir, REPORT_PROMPTS[0], re.compile(r'"asset_code": "([^"]*)"'), limit,
-                         panel_twins(data_dir), max_new_tokens=256, desc="LM reports")
+    metas = panel_metas(data_dir, limit)
+    prompts = [{"image": m["image"], "text": REPORT_PROMPTS[0]} for m in metas]
+    replies = answer_from_twins(model, tokenizer, prompts, {m["image"]: image_twin(m["report"]) for m in metas},
+                                max_new_tokens=256, desc="LM reports")
+    codes = [re.search(r'"asset_code": "([^"]*)"', reply) for reply in replies]
+    return sum(bool(c) and c.group(1) == m["report"]["asset_code"] for c, m in zip(codes, metas, strict=True)) / len(metas)
 
 
 def tune_until_it_answers(texts_dir: str | Path, records: list[dict], tokenizer: PreTrainedTokenizerFast,

@@ -3,8 +3,8 @@
 The categories the demo is held to: lamp state, damage present/absent (any damage question, judged
 on "none" vs a type), damage type (the damage questions whose answer is a type, exact), asset code
 (exact), recommended action (exact), gauge (within +/-5); warning and severity are reported too. And
-the code as a user asks for it (``CHAT_CODE_PROMPT``, no answer format asked): whether the reply, a
-sentence as a rule, carries the panel's code.
+``asset_code_chat``: the code asked for as a user asks (``CHAT_CODE_PROMPT``, no answer format), right
+when the reply, a sentence as a rule, holds the panel's code.
 """
 
 from __future__ import annotations
@@ -39,6 +39,9 @@ def judge(category: str, gold: str, predicted: str) -> dict[str, bool]:
         return out
     if category == "asset_code":
         return {"asset_code": predicted.strip().strip(".").upper() == gold.upper()}
+    if category == "asset_code_chat":
+        found = ASSET_CODE.search(predicted)
+        return {"asset_code_chat": found is not None and found.group() == gold}
     return {category: pred_n == gold_n}
 
 
@@ -83,27 +86,11 @@ def panel_metas(data_dir: str | Path, limit: int | None = None) -> list[dict]:
     return [json.loads(line) for line in lines if line]
 
 
-def written_codes(model, processor, data_dir: str | Path, prompt: str = CHAT_CODE_PROMPT,
-                  find: re.Pattern = ASSET_CODE, limit: int | None = None, twins: dict[str, str] | None = None,
-                  max_new_tokens: int = 16, desc: str = "codes in replies") -> float:
-    """Share of the first ``limit`` panels of ``data_dir`` whose greedy reply to ``prompt`` holds the panel's
-    asset code as the first match of ``find`` (its group 1 if it has one). ``twins``: as for ``score``."""
-    metas = panel_metas(data_dir, limit)
-    prompts = [{"image": m["image"], "text": prompt} for m in metas]
-    if twins is None:
-        replies = answer_questions(model, processor, prompts, Path(data_dir), max_new_tokens=max_new_tokens, desc=desc)
-    else:
-        replies = answer_from_twins(model, processor, prompts, twins, max_new_tokens=max_new_tokens, desc=desc)
-    group = 1 if find.groups else 0
-    found = [find.search(reply) for reply in replies]
-    return sum(f is not None and f.group(group) == m["report"]["asset_code"]
-               for f, m in zip(found, metas, strict=True)) / len(metas)
-
-
 def score(model, processor, data_dir: str | Path, limit: int | None = None, desc: str = "eval",
           answers_file: str | Path | None = None, twins: dict[str, str] | None = None) -> dict[str, float]:
     """Accuracy per category (fractions), plus ``n_<category>`` counts; answers optionally written as JSONL.
-    ``asset_code_chat``: ``written_codes`` on the panels of the scored questions.
+    Each scored panel is also asked ``CHAT_CODE_PROMPT``, after its own questions: a batch then still
+    runs each image once.
 
     With ``twins``, ``model`` is a bare LM, ``processor`` its tokenizer, and the panels' twins stand
     for the images (``answer_from_twins``).
@@ -111,11 +98,19 @@ def score(model, processor, data_dir: str | Path, limit: int | None = None, desc
     data_dir = Path(data_dir)
     questions = [json.loads(line) for line in (data_dir / "questions.jsonl").read_text().splitlines() if line]
     questions = questions[:limit] if limit else questions
+    codes = {m["image"]: m["report"]["asset_code"] for m in panel_metas(data_dir)}
+    by_panel: dict[str, list[dict]] = {}
+    for question in questions:
+        by_panel.setdefault(question["image"], []).append(question)
+    questions = [asked for image, own in by_panel.items() for asked in [*own, {
+        "question_id": f"{Path(image).stem}_asset_code_chat", "image": image, "text": CHAT_CODE_PROMPT,
+        "answer": codes[image], "category": "asset_code_chat"}]]
     model.eval()
+    # 16 new tokens: "The asset tag reads KX-4821." takes 13 and the end of turn.
     if twins is None:
-        answers = answer_questions(model, processor, questions, data_dir, desc=desc)
+        answers = answer_questions(model, processor, questions, data_dir, max_new_tokens=16, desc=desc)
     else:
-        answers = answer_from_twins(model, processor, questions, twins, desc=desc)
+        answers = answer_from_twins(model, processor, questions, twins, max_new_tokens=16, desc=desc)
     hits: dict[str, list[bool]] = {}
     for question, answer in zip(questions, answers, strict=True):
         for category, right in judge(question["category"], question["answer"], answer).items():
@@ -125,8 +120,4 @@ def score(model, processor, data_dir: str | Path, limit: int | None = None, desc
                                               for q, a in zip(questions, answers, strict=True)))
     result = {category: sum(h) / len(h) for category, h in sorted(hits.items())}
     result.update({f"n_{category}": len(h) for category, h in sorted(hits.items())})
-    panels = len({q["image"] for q in questions})  # a folder lists each panel's questions together
-    result["asset_code_chat"] = written_codes(model, processor, data_dir, limit=panels, twins=twins,
-                                              desc=f"{desc}: code in chat")
-    result["n_asset_code_chat"] = panels
     return result
