@@ -57,7 +57,17 @@ from vlm.demo.lm import (
     train_tokenizer,
     tune_until_it_answers,
 )
-from vlm.demo.recipe import QUICK, folder_megabytes, keep_freed_memory, save_fp16, stage2_records
+from vlm.demo.recipe import (
+    AFTER_TOWER_PER_PRETRAINING_SECOND,
+    QUICK,
+    QUICK_SPEC,
+    Budget,
+    folder_megabytes,
+    keep_freed_memory,
+    save_fp16,
+    stage2_records,
+    tower_seconds,
+)
 from vlm.demo.score import CHAT_CODE_PROMPT, judge, score
 from vlm.demo.twin import (
     DAMAGE_STATES,
@@ -530,6 +540,36 @@ def test_tiny_tower_trains_saves_and_loads_as_a_vision_tower(corpus, tmp_path):
     assert features.shape == (2, (SPEC.image_size // SPEC.patch_size) ** 2, SPEC.width)
 
 
+def test_tower_stops_when_a_limit_asked_every_step_runs_out(corpus):
+    root, tokenizer = corpus
+    images, truths = zip(*[generate_panel(12, i, QUICK_SPEC.image_size) for i in range(4)], strict=True)
+    pixels = image_processor(QUICK_SPEC)(list(images), return_tensors="pt")["pixel_values"]
+    grid = QUICK_SPEC.image_size // QUICK_SPEC.patch_size
+    targets = torch.tensor([spot_targets(make_report(t), t["camera"]["layout"], QUICK_SPEC.patch_size, grid)
+                            for t in truths])
+    steps_begun = []  # the limit is unknown for two steps, then already spent
+    _, history = train_tower(pixels, [""] * 4, targets, None, QUICK_SPEC, loss="none", steps=10, batch_size=2,
+                             max_seconds=lambda: 0.0 if len(steps_begun) >= 3 else None,
+                             before_step=lambda: steps_begun.append(1))
+    assert len(history) == 3
+    _, history = train_tower(pixels, [""] * 4, targets, None, QUICK_SPEC, loss="none", steps=3, batch_size=2,
+                             max_seconds=lambda: None)
+    assert len(history) == 3
+
+
+def test_tower_seconds_keep_the_build_in_its_minutes_on_a_slow_day():
+    budget = Budget()
+    # Until the LM's pretraining has timed the machine, only the tower's own cap holds.
+    assert tower_seconds(budget, 150.0, None) == 60 * budget.tower_minutes
+    # A fast day: the cap is the tighter limit.
+    assert tower_seconds(budget, 150.0, 516.0) == 60 * budget.tower_minutes
+    # A slow day: what is left after the tower's start and the rest of the build's predicted time.
+    slow = tower_seconds(budget, 200.0, 726.0)
+    assert slow == pytest.approx(60 * budget.build_minutes - 200.0 - AFTER_TOWER_PER_PRETRAINING_SECOND * 726.0)
+    assert slow < 60 * budget.tower_minutes
+    assert tower_seconds(QUICK, 1.0, 2.0) is None  # the smoke test has no clock
+
+
 def test_tower_spec_sets_the_saved_towers_heads_and_activation(tmp_path):
     spec = dataclasses.replace(SPEC, head_width=32, activation="gelu")
     save_tower(Contrastive(build_clip(spec, 32, 5, 3), "siglip"), spec, tmp_path / "tower")
@@ -594,6 +634,7 @@ def test_quick_recipe_end_to_end(tmp_path, capsys):
             "merge_and_save", "eval_after_stage2"} <= set(record["steps"])
     metrics = record["metrics"]
     assert metrics["tower"]["loss"] == "siglip" and set(metrics["tower"]["zero_shot"]) >= {"retrieval", "asset_code"}
+    assert metrics["tower"]["seconds_allowed"] is None  # the smoke test runs on steps, not on the clock
     assert set(metrics["distil_projector"]["held_out"]) >= {"code_letter", "damage"}
     assert {"lamp", "asset_code"} <= set(metrics["language_model"]["held_out_from_true_twins"])
     # Distillation filled the trainer's feature cache for every panel; stage 1 read it (same fingerprint
@@ -623,7 +664,6 @@ def test_quick_recipe_end_to_end(tmp_path, capsys):
 
 def test_compare_losses_trains_the_tower_with_each_loss_on_the_same_panels(tmp_path):
     from vlm.demo.probe import compare_losses
-    from vlm.demo.recipe import QUICK_SPEC
 
     results = compare_losses(tmp_path, QUICK_SPEC, steps=2, n_train=16, n_eval=4, eval_every=1, batch_size=8)
     assert set(results) == {"clip", "siglip"}

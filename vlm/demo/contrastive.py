@@ -321,11 +321,13 @@ def tokenize_captions(tokenizer, captions: list[str]) -> dict[str, torch.Tensor]
 
 
 def train_tower(pixels: torch.Tensor, captions: list[str], targets: torch.Tensor, tokenizer, spec: TowerSpec,
-                loss: str = "clip", steps: int = 400, max_seconds: float | None = None, batch_size: int = 64,
+                loss: str = "clip", steps: int = 400, max_seconds: float | Callable[[], float | None] | None = None,
+                batch_size: int = 64,
                 lr: float = 1e-3, seed: int = 0, desc: str = "tower",
                 held_out: tuple[torch.Tensor, torch.Tensor] | None = None,
                 eval_every: int = 250, before_step: Callable[[], None] | None = None) -> tuple[Contrastive, list[dict]]:
     """Train from random weights; ``max_seconds`` stops early on a wall-time budget (the CPU is shared).
+    It may be a function, asked again every step: the recipe learns how much time is left as it goes.
 
     With ``held_out`` (pixels, targets), field accuracy on them is logged every ``eval_every`` steps.
     ``before_step`` runs in this thread before every step (the recipe takes more threads there when
@@ -344,9 +346,12 @@ def train_tower(pixels: torch.Tensor, captions: list[str], targets: torch.Tensor
                                   lr=lr, betas=(0.9, 0.98))
     warmup, started = min(50, max(1, steps // 20)), time.perf_counter()
 
+    def seconds_allowed() -> float | None:
+        return max_seconds() if callable(max_seconds) else max_seconds
+
     def progress(step: int) -> float:  # on a time budget, the cosine follows the clock
-        done = step / steps
-        return max(done, (time.perf_counter() - started) / max_seconds) if max_seconds else done
+        done, allowed = step / steps, seconds_allowed()
+        return max(done, (time.perf_counter() - started) / allowed) if allowed else done
 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 *
                                                  (1 + math.cos(math.pi * min(progress(s), 1.0))))
@@ -372,7 +377,7 @@ def train_tower(pixels: torch.Tensor, captions: list[str], targets: torch.Tensor
             model.train()
             tqdm.write(f"{desc} step {step + 1}: held-out " +
                        ", ".join(f"{k} {v:.2f}" for k, v in history[-1]["held_out"].items()))
-        if max_seconds is not None and time.perf_counter() - started > max_seconds:
+        if (allowed := seconds_allowed()) is not None and time.perf_counter() - started > allowed:
             break
     return model.eval(), history
 

@@ -85,11 +85,13 @@ class Budget:
     # for CLIP, then 0.409 vs 0.437): noise at that budget, where the reading is not.
     tower_loss: str = "siglip"
     # A step count, so that a slower LM beside it cannot shorten the tower's schedule (one build's tower
-    # got 2,323 steps in 36 min, another 2,475 in 32); the minutes are a cap that keeps the recipe in an hour.
+    # got 2,323 steps in 36 min, another 2,475 in 32); the minutes are a cap, and ``tower_seconds`` ends it
+    # sooner on a slow day so that the whole build stays within ``build_minutes``.
     # 4,000: with four heads of 32 one build got 3,190 steps in its 45 min; SPEC's heads and GELU and
     # ``keep_freed_memory`` take 13% (1 core: 1.12 -> 0.97 s) to 23% (2 cores: 0.65 -> 0.50 s) off a step.
     tower_steps: int = 4000
     tower_minutes: float | None = 43.5
+    build_minutes: float | None = 60.0
     tower_batch: int = 32
     tower_lr: float = 2e-3
     # Held-out, nearest twin token, one build's tower: letters 68.5 / 75%, whole codes 36 / 41%, damaged
@@ -104,7 +106,7 @@ class Budget:
 
 
 QUICK = Budget(n_train=48, n_eval=4, vocab_size=640, lm_steps=4, lm_instruct_steps=2, lm_instruct_more_steps=2,
-               lm_instruct_rounds=2, lm_hidden=64, lm_layers=2, tower_steps=3, tower_minutes=None,
+               lm_instruct_rounds=2, lm_hidden=64, lm_layers=2, tower_steps=3, tower_minutes=None, build_minutes=None,
                tower_batch=16, distil_steps=2, align_steps=2, instruct_steps=2, long_answer_share=1.0)
 # 128 px is vlm.synth's minimum and the code is still legible by eye there (glyphs ~7x10 px). Measured with
 # the per-patch fact heads (vlm.demo.probe, 700 steps of 32, same panels): 16-px patches hold two code
@@ -118,6 +120,25 @@ QUICK = Budget(n_train=48, n_eval=4, vocab_size=640, lm_steps=4, lm_instruct_ste
 SPEC = TowerSpec(image_size=128, patch_size=8, width=128, layers=6, text_width=64, text_layers=2, embed_dim=64,
                  head_width=64, activation="gelu")
 QUICK_SPEC = TowerSpec(image_size=128, patch_size=32, width=64, layers=1, text_width=64, text_layers=1, embed_dim=32)
+
+
+# After the tower come distillation, both stages and the evals, on both cores; how long they take follows
+# the machine's speed that day, and the LM's pretraining (a fixed amount of work, on one core beside the
+# tower) measures it first. One build: 651 s after the tower against 516 s of pretraining (1.26x); a build
+# on a day when every step ran 40-53% slower: distillation and stage 2 alone took 902 s against 726 s
+# (1.24x; about 1.37x with the rest, scaled alike). 1.45 leaves a margin.
+AFTER_TOWER_PER_PRETRAINING_SECOND = 1.45
+
+
+def tower_seconds(budget: Budget, tower_started_at: float, pretraining_seconds: float | None) -> float | None:
+    """The tower's wall-time limit: its own cap and, once the LM's pretraining has shown how fast the
+    machine runs today, the time that leaves the rest of the build inside ``budget.build_minutes``.
+    ``tower_started_at`` is in seconds from the start of the build."""
+    limits = [60 * budget.tower_minutes] if budget.tower_minutes else []
+    if budget.build_minutes and pretraining_seconds is not None:
+        limits.append(60 * budget.build_minutes - tower_started_at
+                      - AFTER_TOWER_PER_PRETRAINING_SECOND * pretraining_seconds)
+    return min(limits, default=None)
 
 
 class Recipe:
@@ -249,14 +270,15 @@ def data_folders(work: Path) -> tuple[Path, Path, Path]:
     return work / "data" / "train", work / "data" / "eval", work / "data" / "lm_gate"
 
 
-def _pretrain_lm_job(work: Path, budget: Budget, threads: int) -> dict:
-    """Pretraining, then instruction tuning until it answers from the twin: how an instruct LLM is made."""
+def _lm_job(work: Path, budget: Budget, threads: int, instruct: bool) -> dict:
+    """Pretraining, or instruction tuning until it answers from the twin: how an instruct LLM is made."""
     torch.set_num_threads(threads)
     keep_freed_memory()
     tokenizer = PreTrainedTokenizerFast.from_pretrained(work / "lm")
-    result = pretrain_lm(corpus_texts(data_folders(work)[0], tokenizer), tokenizer, work / "lm", steps=budget.lm_steps,
-                         hidden_size=budget.lm_hidden, layers=budget.lm_layers)
-    return result | _instruct_lm(work, tokenizer, budget, rounds_done=0)
+    if instruct:
+        return _instruct_lm(work, tokenizer, budget, rounds_done=0)
+    return pretrain_lm(corpus_texts(data_folders(work)[0], tokenizer), tokenizer, work / "lm", steps=budget.lm_steps,
+                       hidden_size=budget.lm_hidden, layers=budget.lm_layers)
 
 
 def _instruct_lm(work: Path, tokenizer, budget: Budget, rounds_done: int) -> dict:
@@ -295,7 +317,8 @@ def build(out: Path, work: Path, quick: bool = False, example: Path | None = Non
     share = max(1, cores // 2)
     torch.set_num_threads(share)
     pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
-    lm_job = pool.submit(_pretrain_lm_job, work, budget, share)
+    pretraining = pool.submit(_lm_job, work, budget, share, instruct=False)
+    lm_job = pool.submit(_lm_job, work, budget, share, instruct=True)  # the same worker, once pretraining is done
 
     def all_cores_once_lm_is_done() -> None:
         if lm_job.done() and torch.get_num_threads() < cores:
@@ -305,14 +328,17 @@ def build(out: Path, work: Path, quick: bool = False, example: Path | None = Non
             load_panels(train_dir, spec), load_panels(eval_dir, spec)
 
     with recipe.step("tower"):
-        minutes = budget.tower_minutes
-        loss = budget.tower_loss
+        loss, tower_started_at = budget.tower_loss, time.perf_counter() - recipe.started
+
+        def seconds_allowed() -> float | None:
+            return tower_seconds(budget, tower_started_at, pretraining.result()["seconds"] if pretraining.done() else None)
         model, history = train_tower(pixels, captions, targets, tokenizer, spec, loss=loss, steps=budget.tower_steps,
-                                     max_seconds=minutes and 60 * minutes, batch_size=budget.tower_batch,
+                                     max_seconds=seconds_allowed, batch_size=budget.tower_batch,
                                      lr=budget.tower_lr, desc=f"tower {loss}", held_out=(eval_pixels, eval_targets),
                                      before_step=all_cores_once_lm_is_done)
         plot(history, ["loss", "contrastive", "fields"], work / "loss_tower.png", f"tower ({loss} + caption fields)")
         metrics["tower"] = {"loss": loss, "steps": len(history), "images_seen": len(history) * budget.tower_batch,
+                            "seconds_allowed": seconds_allowed(),
                             "held_out_curve": [{"step": h["step"], **h["held_out"]} for h in history if "held_out" in h],
                             "zero_shot": zero_shot(model.clip, tokenizer, eval_pixels, eval_reports),
                             "field_heads_heldout": evaluate_fields(model, eval_pixels, eval_targets)}
@@ -321,7 +347,7 @@ def build(out: Path, work: Path, quick: bool = False, example: Path | None = Non
         del model, pixels
 
     with recipe.step("language_model_wait"):  # pretraining ran beside the tower; its own time is in metrics
-        result = lm_job.result()
+        result = pretraining.result() | lm_job.result()
         pool.shutdown()
         torch.set_num_threads(cores)
         plot(result["history"], ["loss"], work / "loss_lm.png", "LM pretraining on the corpus text")
