@@ -87,8 +87,9 @@ class Budget:
     # A step count, so that a slower LM beside it cannot shorten the tower's schedule (one build's tower
     # got 2,323 steps in 36 min, another 2,475 in 32); the minutes are a cap, and ``tower_seconds`` ends it
     # sooner on a slow day so that the whole build stays within ``build_minutes``.
-    # 4,000: with four heads of 32 one build got 3,190 steps in its 45 min; SPEC's heads and GELU and
-    # ``keep_freed_memory`` take 13% (1 core: 1.12 -> 0.97 s) to 23% (2 cores: 0.65 -> 0.50 s) off a step.
+    # 8,000 of 16 (4,000 of 32 before): with four heads of 32 one build got 3,190 steps of 32 in its 45 min;
+    # SPEC's heads and GELU and ``keep_freed_memory`` take 13% (1 core: 1.12 -> 0.97 s) to 23% (2 cores:
+    # 0.65 -> 0.50 s) off a step.
     tower_steps: int = 8000
     tower_minutes: float | None = 43.5
     build_minutes: float | None = 60.0
@@ -340,7 +341,8 @@ def build(out: Path, work: Path, quick: bool = False, example: Path | None = Non
         model, history = train_tower(pixels, captions, targets, tokenizer, spec, loss=loss, steps=budget.tower_steps,
                                      max_seconds=seconds_allowed, batch_size=budget.tower_batch,
                                      lr=budget.tower_lr, desc=f"tower {loss}", held_out=(eval_pixels, eval_targets),
-                                     eval_every=8000 // budget.tower_batch, before_step=all_cores_once_lm_is_done)
+                                     eval_every=8000 // budget.tower_batch,  # held-out every 8,000 images
+                                     before_step=all_cores_once_lm_is_done)
         plot(history, ["loss", "contrastive", "fields"], work / "loss_tower.png", f"tower ({loss} + caption fields)")
         metrics["tower"] = {"loss": loss, "steps": len(history), "images_seen": len(history) * budget.tower_batch,
                             "seconds_allowed": seconds_allowed(),
