@@ -562,8 +562,7 @@ def test_tiny_tower_trains_saves_and_loads_as_a_vision_tower(corpus, tmp_path):
     assert features.shape == (2, (SPEC.image_size // SPEC.patch_size) ** 2, SPEC.width)
 
 
-def test_tower_stops_when_a_limit_asked_every_step_runs_out(corpus):
-    root, tokenizer = corpus
+def test_tower_stops_when_a_limit_asked_every_step_runs_out():
     images, truths = zip(*[generate_panel(12, i, QUICK_SPEC.image_size) for i in range(4)], strict=True)
     pixels = image_processor(QUICK_SPEC)(list(images), return_tensors="pt")["pixel_values"]
     grid = QUICK_SPEC.image_size // QUICK_SPEC.patch_size
