@@ -40,6 +40,11 @@ def test_same_seed_gives_identical_bytes(tmp_path, dataset):
     assert _files(tmp_path / "again") == _files(dataset)
 
 
+def test_panels_drawn_in_two_processes_are_the_same_bytes(tmp_path, dataset):
+    write_dataset(tmp_path / "parallel", 30, seed=5, size=SIZE, workers=2)
+    assert _files(tmp_path / "parallel") == _files(dataset)
+
+
 def test_same_seed_identical_in_a_fresh_process(tmp_path, dataset):
     # Hash randomisation or leftover global state would show up only across processes. Importing the
     # package normally pulls in torch through vlm/__init__; a bare namespace keeps this subprocess fast.

@@ -309,7 +309,7 @@ def build(out: Path, work: Path, quick: bool = False, example: Path | None = Non
     train_dir, eval_dir, gate_dir = data_folders(work)
 
     with recipe.step("data"):
-        write_dataset(train_dir, budget.n_train, TRAIN_SEED, spec.image_size)
+        write_dataset(train_dir, budget.n_train, TRAIN_SEED, spec.image_size, workers=torch.get_num_threads())
         write_dataset(eval_dir, budget.n_eval, EVAL_SEED, spec.image_size)
         write_dataset(gate_dir, budget.n_eval, GATE_SEED, spec.image_size)
         stage2_records(train_dir, budget.long_answer_share, TRAIN_SEED)

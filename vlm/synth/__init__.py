@@ -7,7 +7,9 @@
 severity and action are in ``vlm.synth.panels.assess``.
 """
 
+import contextlib
 import json
+import multiprocessing
 import random
 from pathlib import Path
 
@@ -162,19 +164,32 @@ def panel_texts(truth: dict, seed: int, index: int) -> dict:
     return {"meta": meta, "caption": caption, "instruct": instruct, "questions": questions}
 
 
-def write_dataset(out_dir: str | Path, n: int, seed: int, size: int = 336) -> None:
-    """Write panels 0..n-1 of dataset ``seed`` into ``out_dir`` (the image folder of every JSON file in it)."""
+def _write_panel(job: tuple[Path, int, int, int]) -> dict:
+    out, seed, index, size = job
+    image, truth = generate_panel(seed, index, size)
+    texts = panel_texts(truth, seed, index)
+    image.save(out / texts["meta"]["image"], format="PNG", compress_level=1)
+    return texts
+
+
+def write_dataset(out_dir: str | Path, n: int, seed: int, size: int = 336, workers: int = 1) -> None:
+    """Write panels 0..n-1 of dataset ``seed`` into ``out_dir`` (the image folder of every JSON file in it).
+
+    ``workers`` > 1 draws panels in that many processes; every panel depends on (seed, index) alone, so
+    the bytes are the same. Worth it for thousands of panels (each process first imports the package).
+    """
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     metas, captions, instruct, questions = [], [], [], []
-    for index in tqdm(range(n), desc="panels", unit="panel"):
-        image, truth = generate_panel(seed, index, size)
-        texts = panel_texts(truth, seed, index)
-        image.save(out / texts["meta"]["image"], format="PNG", compress_level=1)
-        metas.append(texts["meta"])
-        captions.append(texts["caption"])
-        instruct += texts["instruct"]
-        questions += texts["questions"]
+    jobs = [(out, seed, index, size) for index in range(n)]
+    parallel = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else contextlib.nullcontext()
+    with parallel as pool:  # leaving it stops the workers, also when a panel fails
+        written = pool.imap(_write_panel, jobs, chunksize=64) if pool else map(_write_panel, jobs)
+        for texts in tqdm(written, total=n, desc="panels", unit="panel"):
+            metas.append(texts["meta"])
+            captions.append(texts["caption"])
+            instruct += texts["instruct"]
+            questions += texts["questions"]
     (out / "meta.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metas), encoding="utf-8")
     (out / "questions.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions), encoding="utf-8")
     (out / "captions.json").write_text(json.dumps(captions, indent=1) + "\n", encoding="utf-8")
