@@ -101,8 +101,10 @@ class Budget:
     tower_lr: float = 1.4e-3
     # Held-out, nearest twin token, one build's tower: letters 68.5 / 75%, whole codes 36 / 41%, damaged
     # cells seen 65 / 74%, gauge within +/-5 45.5 / 55% after 2,000 / 4,000 steps; on a later tower, whole
-    # codes 50.5 / 53.5% after 4,000 / 8,000 (89 / 180 s). The tower's cap gave up 1.5 min for the latter.
-    distil_steps: int = 8000
+    # codes 50.5 / 53.5% after 4,000 / 8,000 (89 / 180 s). On the shipped build's tower, 4,000 / 8,000 steps:
+    # whole codes 77 / 78%, lamps 66 / 68%, gauge within +/-5 62.5 / 61%, damaged cells seen 68 / 68%, in
+    # 156 / 317 s on a slow day: the tower, where the reading is learnt, gets the 2.7 min instead.
+    distil_steps: int = 4000
     distil_panels: int | None = None  # all: stage 1 needs the tower's features of every panel anyway
     align_steps: int = 300
     instruct_steps: int = 1000
@@ -132,8 +134,11 @@ QUICK_SPEC = TowerSpec(image_size=128, patch_size=32, width=64, layers=1, text_w
 # tower) measures it first. Three builds: 651 s after the tower against 516 s of pretraining (1.26x); on a
 # day when every step ran 40-53% slower, distillation and stage 2 alone 902 s against 726 s (1.24x; about
 # 1.37x with the rest); on a day when two-core work slowed more than one-core work (distillation's steps
-# 1.84x, pretraining 1.34x), 1,083 s against 693 s (1.56x), and at 1.45 that build took 61.4 min.
-AFTER_TOWER_PER_PRETRAINING_SECOND = 1.75
+# 1.84x, pretraining 1.34x), 1,083 s against 693 s (1.56x), and at 1.45 that build took 61.4 min; at
+# 1.75 the next took 56.6 (1,107 s against 754 s, 1.47x). Distilling in 4,000 steps instead of 8,000 takes
+# 161 s off those two, which leaves 1.33x and 1.25x; a build with it at 1.5 then ran 839 s after the tower
+# against 735 s (1.14x) and took 55.6 min. 1.35 covers the slowest of those days.
+AFTER_TOWER_PER_PRETRAINING_SECOND = 1.35
 
 
 def tower_seconds(budget: Budget, tower_started_at: float, pretraining_seconds: float | None) -> float | None:
