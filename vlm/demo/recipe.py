@@ -131,7 +131,7 @@ QUICK_SPEC = TowerSpec(image_size=128, patch_size=32, width=64, layers=1, text_w
 
 # After the tower come distillation, both stages and the evals, on both cores; how long they take follows
 # the machine's speed that day, and the LM's pretraining (a fixed amount of work, on one core beside the
-# tower) measures it first. Three builds: 651 s after the tower against 516 s of pretraining (1.26x); on a
+# tower) measures it first. Builds: 651 s after the tower against 516 s of pretraining (1.26x); on a
 # day when every step ran 40-53% slower, distillation and stage 2 alone 902 s against 726 s (1.24x; about
 # 1.37x with the rest); on a day when two-core work slowed more than one-core work (distillation's steps
 # 1.84x, pretraining 1.34x), 1,083 s against 693 s (1.56x), and at 1.45 that build took 61.4 min; at
