@@ -41,7 +41,8 @@ def test_same_seed_gives_identical_bytes(tmp_path, dataset):
 
 
 def test_panels_drawn_in_two_processes_are_the_same_bytes(tmp_path, dataset):
-    write_dataset(tmp_path / "parallel", 30, seed=5, size=SIZE, workers=2)
+    argv = ["--out", str(tmp_path / "parallel"), "--n", "30", "--seed", "5", "--size", str(SIZE), "--workers", "2"]
+    assert main(argv) == 0
     assert _files(tmp_path / "parallel") == _files(dataset)
 
 
@@ -188,6 +189,7 @@ def test_make_report_fields_and_notes():
     (["--n", "0"], "--n must be at least 1"),
     (["--n", "x"], "invalid int value"),
     (["--n", "2", "--size", "32"], "--size must be at least"),
+    (["--n", "2", "--workers", "0"], "--workers must be at least 1"),
 ])
 def test_cli_rejects_bad_input(tmp_path, capsys, argv, message):
     assert main(["--out", str(tmp_path / "out"), *argv]) == 2
