@@ -75,6 +75,10 @@ class Budget:
     # The code in reports from exact twins by round, one build: 0, 38, 90, 100%; the next: 0, 0, 16, 30%
     # (while its short answers had the code from round 3). The LM runs beside the tower: rounds are cheap.
     lm_instruct_rounds: int = 6
+    # The LM holds one core for ~2,050 s of the tower's ~2,400, so its steps are the tower's. Measured from the
+    # gate's exact twins, neither was shorter: one 4,000-step round read damage present 94.5%, and a round of
+    # 1,000 more lamps 94.0% (6,000 steps, 500 saved at best); pretraining 750 steps instead of 1,500 left
+    # damage present at 82-82.5% through 4,000 + 2 x 1,000 steps, and lamps at 90% after the recipe's round 4.
     lm_long_share: float = 0.2  # reports and descriptions per question record (see vlm.demo.lm.instruction_records)
     lm_hidden: int = 128
     lm_layers: int = 4
