@@ -75,10 +75,11 @@ class Budget:
     # The code in reports from exact twins by round, one build: 0, 38, 90, 100%; the next: 0, 0, 16, 30%
     # (while its short answers had the code from round 3). The LM runs beside the tower: rounds are cheap.
     lm_instruct_rounds: int = 6
-    # The LM holds one core for ~2,050 s of the tower's ~2,400, so its steps are the tower's. Measured from the
-    # gate's exact twins, neither was shorter: one 4,000-step round read damage present 94.5%, and a round of
-    # 1,000 more lamps 94.0% (6,000 steps, 500 saved at best); pretraining 750 steps instead of 1,500 left
-    # damage present at 82-82.5% through 4,000 + 2 x 1,000 steps, and lamps at 90% after the recipe's round 4.
+    # The LM holds one core for ~2,050 s of the tower's ~2,400, so its steps are the tower's. Two shortcuts
+    # failed the gate (exact twins of the gate panels): one round of 4,000 steps left damage present at 94.5%,
+    # and after 1,000 more lamps fell to 94.0%, so at best it saves 500 of the 6,500 steps. Pretraining for
+    # 750 steps instead of 1,500 left damage present at 82-82.5% after 4,000 + 2 x 1,000 steps, and with
+    # these rounds lamps at 90% after round 4 (95% with the full pretraining).
     lm_long_share: float = 0.2  # reports and descriptions per question record (see vlm.demo.lm.instruction_records)
     lm_hidden: int = 128
     lm_layers: int = 4
@@ -141,7 +142,8 @@ QUICK_SPEC = TowerSpec(image_size=128, patch_size=32, width=64, layers=1, text_w
 # 1.84x, pretraining 1.34x), 1,083 s against 693 s (1.56x), and at 1.45 that build took 61.4 min; at
 # 1.75 the next took 56.6 (1,107 s against 754 s, 1.47x). Distilling in 4,000 steps instead of 8,000 takes
 # 161 s off those two, which leaves 1.33x and 1.25x; a build with it at 1.5 then ran 839 s after the tower
-# against 735 s (1.14x) and took 55.6 min. 1.35 covers the slowest of those days.
+# against 735 s (1.14x) and took 55.6 min. 1.35 covers the slowest of those days; at 1.35 one build ran
+# 956 s after the tower against 722 s (1.32x) and took 59.8 min.
 AFTER_TOWER_PER_PRETRAINING_SECOND = 1.35
 
 
