@@ -25,8 +25,6 @@ from vlm.demo.contrastive import (
     build_clip,
     caption_of,
     clip_loss,
-    drop_patches,
-    encode_kept,
     evaluate_fields,
     field_accuracy,
     field_loss,
@@ -645,39 +643,6 @@ def test_tower_starts_as_its_patch_embedding_and_heads_read_the_named_patches():
         moved = tokens.clone()
         moved[:, unused] += 10
         assert all(torch.equal(a, b) for a, b in zip(heads(moved, targets)[:-2], logits + [elsewhere], strict=True))
-
-
-def test_dropped_patches_keep_every_fact_and_its_place():
-    spec = dataclasses.replace(SPEC, image_size=128, patch_size=8)  # 256 patches: more than the facts
-    model = build_clip(spec, 32, 5, 3)
-    for layer in model.vision_model.encoder.layers:  # live branches, so attention mixes the tokens
-        torch.nn.init.normal_(layer.self_attn.out_proj.weight, std=0.1)
-        torch.nn.init.normal_(layer.mlp.fc2.weight, std=0.1)
-    pixels, patches = torch.randn(2, 3, spec.image_size, spec.image_size), (spec.image_size // spec.patch_size) ** 2
-    whole = model.vision_model(pixel_values=pixels)
-    tokens, pooled = encode_kept(model.vision_model, pixels, torch.arange(patches).expand(2, -1))
-    assert torch.allclose(tokens, whole.last_hidden_state[:, 1:], atol=1e-5)
-    assert torch.allclose(pooled, whole.pooler_output, atol=1e-5)
-    targets = torch.stack([torch.randint(patches, (2, len(SPOTS))), torch.randint(10, (2, len(SPOTS)))], -1)
-    kept, renumbered = drop_patches(targets, patches, patches // 4)
-    assert kept.shape == (2, patches // 4) and (kept.diff(dim=1) > 0).all()
-    assert torch.equal(kept.gather(1, renumbered[:, :, 0]), targets[:, :, 0])  # each fact still finds its patch
-    assert torch.equal(renumbered[:, :, 1], targets[:, :, 1])
-    assert drop_patches(targets, patches, 3)[0].shape[1] == len(SPOTS)  # never fewer patches than facts
-    # On a subset, tokens differ from the whole image's: the dropped patches are truly gone.
-    assert not torch.allclose(encode_kept(model.vision_model, pixels, kept)[0],
-                              whole.last_hidden_state[:, 1:].gather(1, kept[..., None].expand(-1, -1, spec.width)))
-
-
-def test_tower_trains_on_whole_images_for_the_last_part_of_its_schedule():
-    spec = dataclasses.replace(QUICK_SPEC, patch_size=8)  # 256 patches, as the demo's tower has
-    images, truths = zip(*[generate_panel(13, i, spec.image_size) for i in range(4)], strict=True)
-    pixels = image_processor(spec)(list(images), return_tensors="pt")["pixel_values"]
-    targets = torch.tensor([spot_targets(make_report(t), t["camera"]["layout"], 8, 16) for t in truths])
-    _, history = train_tower(pixels, [""] * 4, targets, None, spec, loss="none", steps=10, batch_size=2,
-                             keep_patches=0.5, all_patches_from=0.8)
-    assert [h["patches"] for h in history] == [128] * 8 + [256] * 2
-    assert all(math.isfinite(h["loss"]) for h in history)
 
 
 def test_quick_recipe_end_to_end(tmp_path, capsys):

@@ -292,29 +292,6 @@ def image_processor(spec: TowerSpec) -> CLIPImageProcessorPil:
                                  image_mean=CLIP_MEAN, image_std=CLIP_STD)
 
 
-def drop_patches(targets: torch.Tensor, patches: int, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """FLIP's random patch dropping (Li et al., 2023), every fact's own patch kept: ``[images, keep]``
-    indices of the patches that stay (in order), and ``targets`` with their patch numbers renumbered
-    into that list. ``keep`` is raised to the facts' count if it is below it."""
-    keep = min(patches, max(keep, targets.shape[1]))
-    scores = torch.rand(len(targets), patches, device=targets.device)
-    scores.scatter_(1, targets[:, :, 0], 2.0)  # above any draw: the facts' patches always stay
-    kept = scores.topk(keep, dim=1).indices.sort(1).values
-    position = torch.empty(len(targets), patches, dtype=torch.long, device=targets.device)
-    position.scatter_(1, kept, torch.arange(keep, device=targets.device).expand(len(targets), -1))
-    return kept, torch.stack([position.gather(1, targets[:, :, 0]), targets[:, :, 1]], -1)
-
-
-def encode_kept(vision_model: nn.Module, pixel_values: torch.Tensor,
-                kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``CLIPVisionModel``'s forward over the class token and the ``kept`` patches only: (patch tokens,
-    pooled output). Position embeddings are added before the drop, so each token keeps its place."""
-    hidden = vision_model.embeddings(pixel_values)
-    patches = hidden[:, 1:].gather(1, kept[..., None].expand(-1, -1, hidden.shape[-1]))
-    hidden = vision_model.encoder(inputs_embeds=vision_model.pre_layrnorm(torch.cat([hidden[:, :1], patches], 1)))
-    return hidden.last_hidden_state[:, 1:], vision_model.post_layernorm(hidden.last_hidden_state[:, 0])
-
-
 class Contrastive(nn.Module):
     """CLIPModel + the bias SigLIP adds to its logits + the caption-field heads."""
 
@@ -328,19 +305,12 @@ class Contrastive(nn.Module):
         self.logit_bias = nn.Parameter(torch.tensor(-10.0))
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
-                targets: torch.Tensor, keep: int | None = None) -> tuple[torch.Tensor, dict]:
-        """``keep``: the tower sees only that many patches of each image (``drop_patches``), every fact's among them."""
-        if keep is None:
-            vision = self.clip.vision_model(pixel_values=pixel_values)
-            tokens, pooled = vision.last_hidden_state[:, 1:], vision.pooler_output
-        else:
-            grid = self.clip.config.vision_config.image_size // self.clip.config.vision_config.patch_size
-            kept, targets = drop_patches(targets, grid * grid, keep)
-            tokens, pooled = encode_kept(self.clip.vision_model, pixel_values, kept)
-        fields = field_loss(self.heads(tokens, targets), targets)
+                targets: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        vision = self.clip.vision_model(pixel_values=pixel_values)
+        fields = field_loss(self.heads(vision.last_hidden_state[:, 1:], targets), targets)
         if self.loss == "none":
             return fields, {"fields": fields.item()}
-        image_embeds = self.clip.visual_projection(pooled)
+        image_embeds = self.clip.visual_projection(vision.pooler_output)
         text_embeds = self.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
         if self.loss == "clip":
             contrast = clip_loss(image_embeds, text_embeds, self.clip.logit_scale)
@@ -360,14 +330,9 @@ def train_tower(pixels: torch.Tensor, captions: list[str], targets: torch.Tensor
                 batch_size: int = 64,
                 lr: float = 1e-3, seed: int = 0, desc: str = "tower",
                 held_out: tuple[torch.Tensor, torch.Tensor] | None = None,
-                eval_every: int = 250, before_step: Callable[[], None] | None = None,
-                keep_patches: float = 1.0, all_patches_from: float = 0.9) -> tuple[Contrastive, list[dict]]:
+                eval_every: int = 250, before_step: Callable[[], None] | None = None) -> tuple[Contrastive, list[dict]]:
     """Train from random weights; ``max_seconds`` stops early on a wall-time budget (the CPU is shared).
     It may be a function, asked again every step: the recipe learns how much time is left as it goes.
-
-    ``keep_patches`` < 1: each step sees that share of every image's patches (``drop_patches``), until
-    ``all_patches_from`` of the schedule, after which the tower trains on whole images, as it is used
-    (FLIP's unmasked tuning).
 
     With ``held_out`` (pixels, targets), field accuracy on them is logged every ``eval_every`` steps.
     ``before_step`` runs in this thread before every step (the recipe takes more threads there when
@@ -396,7 +361,6 @@ def train_tower(pixels: torch.Tensor, captions: list[str], targets: torch.Tensor
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 *
                                                  (1 + math.cos(math.pi * min(progress(s), 1.0))))
     order, rng, history = [], random.Random(seed), []
-    patches = (spec.image_size // spec.patch_size) ** 2
     model.train()
     for step in (bar := tqdm(range(steps), desc=desc, unit="step")):
         if len(order) < batch_size:  # epochs of a fresh permutation, so each batch holds distinct panels
@@ -405,14 +369,13 @@ def train_tower(pixels: torch.Tensor, captions: list[str], targets: torch.Tensor
         if before_step is not None:
             before_step()
         text = tokenize_captions(tokenizer, [captions[i] for i in index]) if loss != "none" else {}
-        keep = round(keep_patches * patches) if keep_patches < 1 and progress(step) < all_patches_from else None
-        total, parts = model(pixels[index], text.get("input_ids"), text.get("attention_mask"), targets[index], keep)
+        total, parts = model(pixels[index], text.get("input_ids"), text.get("attention_mask"), targets[index])
         total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        history.append({"step": step + 1, "loss": total.item(), **parts, "patches": keep or patches})
+        history.append({"step": step + 1, "loss": total.item(), **parts})
         bar.set_postfix(loss=f"{history[-1]['loss']:.3f}")
         if held_out is not None and (step + 1) % eval_every == 0:
             history[-1]["held_out"] = evaluate_fields(model, *held_out)

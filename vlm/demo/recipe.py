@@ -92,10 +92,10 @@ class Budget:
     # A step count, so that a slower LM beside it cannot shorten the tower's schedule (one build's tower
     # got 2,323 steps in 36 min, another 2,475 in 32); the minutes are a cap, and ``tower_seconds`` ends it
     # sooner on a slow day so that the whole build stays within ``build_minutes``.
-    # 8,000 of 16 before patch dropping (4,000 of 32 before that): with four heads of 32 one build got 3,190 steps of 32 in its 45 min;
+    # 8,000 of 16 (4,000 of 32 before): with four heads of 32 one build got 3,190 steps of 32 in its 45 min;
     # SPEC's heads and GELU and ``keep_freed_memory`` take 13% (1 core: 1.12 -> 0.97 s) to 23% (2 cores:
     # 0.65 -> 0.50 s) off a step.
-    tower_steps: int = 12000  # with ``tower_keep_patches`` a step costs about half: the clock ends it first
+    tower_steps: int = 8000
     tower_minutes: float | None = 43.5
     build_minutes: float | None = 60.0
     # Batches of 16 at lr 1.4e-3 against 32 at 2e-3, fact heads only, same panels, the same 32,000 images
@@ -104,13 +104,12 @@ class Budget:
     # (16 at 2e-3: 51, 44, 81 / 91, 65%).
     tower_batch: int = 16
     tower_lr: float = 1.4e-3
-    # FLIP's patch dropping (every fact's patch kept; whole images for the schedule's last tenth). Same
-    # 20,000 panels, side by side on one core each for 1,000 s: 1,938 steps with half the patches against
-    # 1,002 with all; held-out letters 65.8 / 47.0%, digits 77.6 / 60.1%, pooled characters 77.8 / 61.4%,
-    # whole codes 19 / 3%, gauge +/-5 55 / 37%, damaged cells seen 69 / 66%, lamps 73 / 72%. Per step it
-    # learnt as fast as a whole-image build's tower (pooled characters 63 / 74% after 1,000 / 1,500 steps
-    # against 62 / 71%) at half the step's time.
-    tower_keep_patches: float = 0.5
+    # Every image whole. FLIP's patch dropping (half the patches, every fact's kept, whole images for the
+    # last tenth) won an early race, one core each for 1,000 s on the same panels: 1,938 steps against
+    # 1,002, held-out whole codes 19 vs 3%, letters 65.8 vs 47.0%. In a build it fell behind: whole codes
+    # 37 / 50% after 3,000 / 4,000 steps against 72 / 81% with whole images, and 58% at its end (4,812
+    # steps, against 82% after 4,344); the LM's pretraining beside it also ran 894 s instead of 674, which
+    # cut the tower's time to 2,018 s and left the LM running after it.
     # Held-out, nearest twin token, one build's tower: letters 68.5 / 75%, whole codes 36 / 41%, damaged
     # cells seen 65 / 74%, gauge within +/-5 45.5 / 55% after 2,000 / 4,000 steps; on a later tower, whole
     # codes 50.5 / 53.5% after 4,000 / 8,000 (89 / 180 s). On the shipped build's tower, 4,000 / 8,000 steps:
@@ -361,7 +360,7 @@ def build(out: Path, work: Path, quick: bool = False, example: Path | None = Non
                                      max_seconds=seconds_allowed, batch_size=budget.tower_batch,
                                      lr=budget.tower_lr, desc=f"tower {loss}", held_out=(eval_pixels, eval_targets),
                                      eval_every=8000 // budget.tower_batch,  # held-out every 8,000 images
-                                     before_step=all_cores_once_lm_is_done, keep_patches=budget.tower_keep_patches)
+                                     before_step=all_cores_once_lm_is_done)
         plot(history, ["loss", "contrastive", "fields"], work / "loss_tower.png", f"tower ({loss} + caption fields)")
         metrics["tower"] = {"loss": loss, "steps": len(history), "images_seen": len(history) * budget.tower_batch,
                             "seconds_allowed": seconds_allowed(),
