@@ -108,7 +108,7 @@ class Budget:
     # last tenth) won an early race, one core each for 1,000 s on the same panels: 1,938 steps against
     # 1,002, held-out whole codes 19 vs 3%, letters 65.8 vs 47.0%. In a build it fell behind: whole codes
     # 37 / 50% after 3,000 / 4,000 steps against 72 / 81% with whole images, and 58% at its end (4,812
-    # steps, against 82% after 4,344); the LM's pretraining beside it also ran 894 s instead of 674, which
+    # steps, against 82% after 4,344); the LM's pretraining beside it also ran 895 s instead of 674, which
     # cut the tower's time to 2,018 s and left the LM running after it.
     # Held-out, nearest twin token, one build's tower: letters 68.5 / 75%, whole codes 36 / 41%, damaged
     # cells seen 65 / 74%, gauge within +/-5 45.5 / 55% after 2,000 / 4,000 steps; on a later tower, whole
