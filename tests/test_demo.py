@@ -65,6 +65,7 @@ from vlm.demo.recipe import (
     Budget,
     folder_megabytes,
     keep_freed_memory,
+    samples_drawn,
     save_fp16,
     stage2_records,
     tower_seconds,
@@ -625,6 +626,15 @@ def test_stage2_mixture_keeps_short_records(tmp_path):
     assert len(json.loads(stage2_records(tmp_path, 1.0, 0).read_text())) == 24
 
 
+def test_stages_get_files_of_what_they_draw(tmp_path):
+    write_dataset(tmp_path, 6, 3, 128)
+    everything = json.loads(stage2_records(tmp_path, 1.0, 0).read_text())
+    drawn = json.loads(stage2_records(tmp_path, 1.0, 0, count=10).read_text())
+    assert len(drawn) == 10 and len({r["id"] for r in drawn}) == 10
+    assert {r["id"] for r in drawn} < {r["id"] for r in everything}
+    assert len(json.loads(stage2_records(tmp_path, 1.0, 0, count=100).read_text())) == 24  # fewer: all of them
+
+
 def test_tower_starts_as_its_patch_embedding_and_heads_read_the_named_patches():
     model = build_clip(SPEC, 32, 5, 3)
     layer = model.vision_model.encoder.layers[0]
@@ -663,6 +673,11 @@ def test_quick_recipe_end_to_end(tmp_path, capsys):
     caches = list((tmp_path / "work" / "feature_cache").iterdir())
     assert len(caches) == 1
     assert len(json.loads((caches[0] / "index.json").read_text())) == QUICK.n_train + QUICK.n_eval
+    # Stage 2's file holds just the samples it draws (fewer than the mixture), stage 1's every caption (fewer).
+    train_dir = tmp_path / "work" / "data" / "train"
+    assert len(json.loads((train_dir / "stage2.json").read_text())) == samples_drawn("demo-instruct.yaml",
+                                                                                      QUICK.instruct_steps)
+    assert len(json.loads((train_dir / "stage1.json").read_text())) == QUICK.n_train
     for stage in ("before_stage1", "after_stage1", "after_stage2"):
         assert {"lamp", "asset_code", "action", "gauge_within_5", "damage_present"} <= set(metrics[stage])
     for png in ("loss_lm.png", "loss_tower.png", "align/loss.png", "instruct/loss.png"):
