@@ -62,12 +62,15 @@ from vlm.demo.recipe import (
     AFTER_TOWER_PER_PRETRAINING_SECOND,
     QUICK,
     QUICK_SPEC,
+    STAGE2_FIXED_SECONDS,
+    STAGE2_PER_STAGE1_STEP,
     Budget,
     folder_megabytes,
     keep_freed_memory,
     samples_drawn,
     save_fp16,
     stage2_records,
+    stage2_steps,
     tower_seconds,
 )
 from vlm.demo.score import CHAT_CODE_PROMPT, judge, score
@@ -592,6 +595,16 @@ def test_tower_seconds_keep_the_build_in_its_minutes_on_a_slow_day():
     assert tower_seconds(QUICK, 1.0, 2.0) is None  # the smoke test has no clock
 
 
+def test_stage2_fits_its_steps_to_the_time_left_at_stage_1s_pace():
+    budget = Budget()
+    stage1 = [{"step": s, "seconds": 0.2 * s} for s in range(1, 301)]  # 0.2 s per stage-1 step
+    assert stage2_steps(budget, None, stage1) == budget.instruct_steps  # no clock: the budget's steps
+    assert stage2_steps(budget, 3600.0, stage1) == budget.instruct_steps  # time enough
+    per_step = STAGE2_PER_STAGE1_STEP * 0.2
+    assert stage2_steps(budget, STAGE2_FIXED_SECONDS + 300 * per_step + 0.1, stage1) == 300
+    assert stage2_steps(budget, 10.0, stage1) == 1  # out of time: one step, still a model
+
+
 def test_tower_spec_sets_the_saved_towers_heads_and_activation(tmp_path):
     spec = dataclasses.replace(SPEC, head_width=32, activation="gelu")
     save_tower(Contrastive(build_clip(spec, 32, 5, 3), "siglip"), spec, tmp_path / "tower")
@@ -686,6 +699,7 @@ def test_quick_recipe_end_to_end(tmp_path, capsys):
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     assert Image.open(tmp_path / "panel.jpg").format == "JPEG"
     assert metrics["example"]["truth"] and isinstance(metrics["example"]["answer"], str)
+    assert metrics["stage2"]["steps"] == QUICK.instruct_steps  # no clock in the smoke test
     rounds = metrics["language_model"]["instruction_rounds"]
     assert rounds[0]["steps"] == 0 and [r["round"] for r in rounds[1:]] == [1, 2]  # the tiny LM never passes its gate
     # The last part again from the work folder: no round is left to give, the stages rerun and save.

@@ -156,6 +156,22 @@ QUICK_SPEC = TowerSpec(image_size=128, patch_size=32, width=64, layers=1, text_w
 AFTER_TOWER_PER_PRETRAINING_SECOND = 1.45
 
 
+# Stage 2 sizes itself by the clock: its steps took 2.13-2.38x stage 1's in builds 16-24 (both on both cores,
+# back to back, so the day's speed cancels), and around its loop come 40 s of checks and loading and 12-22 s
+# of merging, saving and the last evaluation. Build 24's after-tower time was 1.61x its pretraining, and
+# stage 2's 1,000 steps took it to 61.9 min: on such a day stage 2 gets the steps the hour has left.
+STAGE2_PER_STAGE1_STEP = 2.4
+STAGE2_FIXED_SECONDS = 75.0
+
+
+def stage2_steps(budget: Budget, seconds_left: float | None, stage1_history: list[dict]) -> int:
+    """Stage 2's steps: the budget's, or as many as fit in ``seconds_left`` at the pace stage 1 just ran."""
+    if seconds_left is None or not stage1_history:
+        return budget.instruct_steps
+    per_step = STAGE2_PER_STAGE1_STEP * stage1_history[-1]["seconds"] / stage1_history[-1]["step"]
+    return max(1, min(budget.instruct_steps, int((seconds_left - STAGE2_FIXED_SECONDS) / per_step)))
+
+
 def tower_seconds(budget: Budget, tower_started_at: float, pretraining_seconds: float | None) -> float | None:
     """The tower's wall-time limit: its own cap and, once the LM's pretraining has shown how fast the
     machine runs today, the time that leaves the rest of the build inside ``budget.build_minutes``.
@@ -403,13 +419,16 @@ def build(out: Path, work: Path, quick: bool = False, example: Path | None = Non
         metrics["language_model"] = {k: v for k, v in result.items() if k != "history"} | {
             "final_loss": sum(h["loss"] for h in result["history"][-20:]) / len(result["history"][-20:])}
 
-    run_stages(recipe, out, budget, spec, heads, example)
+    deadline = recipe.started + 60 * budget.build_minutes if budget.build_minutes else None
+    run_stages(recipe, out, budget, spec, heads, example, deadline)
     recipe.save()
     return recipe.record
 
 
-def run_stages(recipe: Recipe, out: Path, budget: Budget, spec: TowerSpec, heads, example: Path | None) -> None:
-    """Seed the projector, stage 1, stage 2, merge and save, with the held-out scores before and after."""
+def run_stages(recipe: Recipe, out: Path, budget: Budget, spec: TowerSpec, heads, example: Path | None,
+               deadline: float | None = None) -> None:
+    """Seed the projector, stage 1, stage 2, merge and save, with the held-out scores before and after.
+    ``deadline`` (``time.perf_counter()`` seconds) is when the build must be done: stage 2 fits its steps to it."""
     from vlm.merge import merge
     from vlm.model import build_vlm, load_pretrained
     from vlm.train.loop import train
@@ -449,9 +468,13 @@ def run_stages(recipe: Recipe, out: Path, budget: Budget, spec: TowerSpec, heads
                                         answers_file=work / "answers_after_stage1.jsonl")
 
     with recipe.step("stage2_instruct"):
+        stage1_history = json.loads((stage1.parent / "history.json").read_text())
+        steps = stage2_steps(budget, deadline - time.perf_counter() if deadline else None, stage1_history)
+        metrics["stage2"] = {"steps": steps, "budget_steps": budget.instruct_steps,
+                             "stage1_seconds_per_step": stage1_history[-1]["seconds"] / stage1_history[-1]["step"]}
         stage2 = train(load_config(CONFIGS / "demo-instruct.yaml", paths + [
             f"data.path={train_dir / 'stage2.json'}", f"output_dir={work / 'instruct'}", f"init_from={stage1}",
-            f"train.max_steps={budget.instruct_steps}"]))
+            f"train.max_steps={steps}"]))
 
     with recipe.step("merge_and_save"):
         merge(str(stage2), str(work / "merged"))

@@ -95,7 +95,7 @@ def train(config: Config) -> Path:
             samples_seen += samples * world
             rate = samples_seen / (time.perf_counter() - started)
             lr = scheduler.get_last_lr()[0]
-            history.append({"step": step, "loss": loss, "lr": lr})
+            history.append({"step": step, "loss": loss, "lr": lr, "seconds": round(time.perf_counter() - started, 3)})
             progress.update(1)
             progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_per_s=f"{rate:.1f}")
             if config.train.log_with:
