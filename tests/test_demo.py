@@ -60,6 +60,7 @@ from vlm.demo.lm import (
 )
 from vlm.demo.recipe import (
     AFTER_TOWER_PER_PRETRAINING_SECOND,
+    LM_TUNING_PER_PRETRAINING_SECOND,
     QUICK,
     QUICK_SPEC,
     STAGE2_FIXED_SECONDS,
@@ -593,6 +594,12 @@ def test_tower_seconds_keep_the_build_in_its_minutes_on_a_slow_day():
     assert slow == pytest.approx(60 * budget.build_minutes - 200.0 - AFTER_TOWER_PER_PRETRAINING_SECOND * 726.0)
     assert slow < 60 * budget.tower_minutes
     assert tower_seconds(QUICK, 1.0, 2.0) is None  # the smoke test has no clock
+    # The LM on time: its predicted end comes before the clock's limit, which holds.
+    assert tower_seconds(budget, 200.0, 726.0, lm_started_at=100.0) == pytest.approx(slow)
+    # The LM late (slow pretraining): the tower trains on until the LM's predicted end, still under its cap.
+    late = tower_seconds(budget, 160.0, 864.0, lm_started_at=90.0)
+    assert late == pytest.approx(90.0 + (1 + LM_TUNING_PER_PRETRAINING_SECOND) * 864.0 - 160.0)
+    assert tower_seconds(budget, 160.0, 864.0) < late <= 60 * budget.tower_minutes
 
 
 def test_stage2_fits_its_steps_to_the_time_left_at_stage_1s_pace():

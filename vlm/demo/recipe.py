@@ -156,11 +156,12 @@ QUICK_SPEC = TowerSpec(image_size=128, patch_size=32, width=64, layers=1, text_w
 AFTER_TOWER_PER_PRETRAINING_SECOND = 1.45
 
 
-# Stage 2 sizes itself by the clock: its steps took 2.13-2.38x stage 1's in builds 16-24 (both on both cores,
-# back to back, so the day's speed cancels), and around its loop come 40 s of checks and loading and 12-22 s
-# of merging, saving and the last evaluation. Build 24's after-tower time was 1.61x its pretraining, and
-# stage 2's 1,000 steps took it to 61.9 min: on such a day stage 2 gets the steps the hour has left.
-STAGE2_PER_STAGE1_STEP = 2.4
+# Stage 2 sizes itself by the clock: its steps took 2.13-2.38x stage 1's in builds 16-24 and 2.90x in build 25
+# (both on both cores, back to back, so the day's speed mostly cancels), and around its loop come 40 s of
+# checks and loading and 12-22 s of merging, saving and the last evaluation. Build 24's after-tower time was
+# 1.61x its pretraining, and stage 2's 1,000 steps took it to 61.9 min: on such a day stage 2 gets the steps
+# the hour has left.
+STAGE2_PER_STAGE1_STEP = 2.9
 STAGE2_FIXED_SECONDS = 75.0
 
 
@@ -172,14 +173,27 @@ def stage2_steps(budget: Budget, seconds_left: float | None, stage1_history: lis
     return max(1, min(budget.instruct_steps, int((seconds_left - STAGE2_FIXED_SECONDS) / per_step)))
 
 
-def tower_seconds(budget: Budget, tower_started_at: float, pretraining_seconds: float | None) -> float | None:
+# The LM's tuning rounds after its pretraining took 1.73-2.08x the pretraining's time (builds 16-25); with
+# its gate checks, its whole job took 2.92x and 2.90x its pretraining in builds 23 and 25. On such a day the
+# LM ends after the tower's clock limit, and the build waited for it with one core idle (516 and 258 s). The
+# tower now trains on until 1 + 1.75 pretraining times after the LM's start, short of its end, and stage 2
+# fits into what is left.
+LM_TUNING_PER_PRETRAINING_SECOND = 1.75
+
+
+def tower_seconds(budget: Budget, tower_started_at: float, pretraining_seconds: float | None,
+                  lm_started_at: float | None = None) -> float | None:
     """The tower's wall-time limit: its own cap and, once the LM's pretraining has shown how fast the
-    machine runs today, the time that leaves the rest of the build inside ``budget.build_minutes``.
-    ``tower_started_at`` is in seconds from the start of the build."""
+    machine runs today, the time that leaves the rest of the build inside ``budget.build_minutes``, or
+    until the LM's predicted end if that is later (the build waits for the LM anyway).
+    ``tower_started_at`` and ``lm_started_at`` are in seconds from the start of the build."""
     limits = [60 * budget.tower_minutes] if budget.tower_minutes else []
     if budget.build_minutes and pretraining_seconds is not None:
-        limits.append(60 * budget.build_minutes - tower_started_at
-                      - AFTER_TOWER_PER_PRETRAINING_SECOND * pretraining_seconds)
+        by_clock = 60 * budget.build_minutes - tower_started_at - AFTER_TOWER_PER_PRETRAINING_SECOND * pretraining_seconds
+        if lm_started_at is not None:
+            lm_done = lm_started_at + (1 + LM_TUNING_PER_PRETRAINING_SECOND) * pretraining_seconds - tower_started_at
+            by_clock = max(by_clock, lm_done)
+        limits.append(by_clock)
     return min(limits, default=None)
 
 
@@ -381,6 +395,7 @@ def build(out: Path, work: Path, quick: bool = False, example: Path | None = Non
     share = max(1, cores // 2)
     torch.set_num_threads(share)
     pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+    lm_started_at = time.perf_counter() - recipe.started
     pretraining = pool.submit(_lm_job, work, budget, share, instruct=False)
     lm_job = pool.submit(_lm_job, work, budget, share, instruct=True)  # the same worker, once pretraining is done
 
@@ -395,7 +410,8 @@ def build(out: Path, work: Path, quick: bool = False, example: Path | None = Non
         loss, tower_started_at = budget.tower_loss, time.perf_counter() - recipe.started
 
         def seconds_allowed() -> float | None:
-            return tower_seconds(budget, tower_started_at, pretraining.result()["seconds"] if pretraining.done() else None)
+            return tower_seconds(budget, tower_started_at, pretraining.result()["seconds"] if pretraining.done() else None,
+                                 lm_started_at)
         model, history = train_tower(pixels, captions, targets, tokenizer, spec, loss=loss, steps=budget.tower_steps,
                                      max_seconds=seconds_allowed, batch_size=budget.tower_batch,
                                      lr=budget.tower_lr, desc=f"tower {loss}", held_out=(eval_pixels, eval_targets),
