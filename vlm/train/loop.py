@@ -79,6 +79,7 @@ def train(config: Config) -> Path:
 
     step = _resume(accelerator, config, output_dir)
     history = _read_history(output_dir, step) if step else []
+    seconds_before = history[-1].get("seconds", 0.0) if history else 0.0  # training time before a resume
     progress = tqdm(total=total_steps, initial=step, disable=not accelerator.is_main_process, desc=config.stage)
     started = time.perf_counter()
     samples_seen = 0
@@ -95,7 +96,7 @@ def train(config: Config) -> Path:
             samples_seen += samples * world
             rate = samples_seen / (time.perf_counter() - started)
             lr = scheduler.get_last_lr()[0]
-            history.append({"step": step, "loss": loss, "lr": lr, "seconds": round(time.perf_counter() - started, 3)})
+            history.append({"step": step, "loss": loss, "lr": lr, "seconds": round(seconds_before + time.perf_counter() - started, 3)})
             progress.update(1)
             progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_per_s=f"{rate:.1f}")
             if config.train.log_with:
