@@ -60,6 +60,8 @@ from vlm.demo.lm import (
 )
 from vlm.demo.recipe import (
     AFTER_TOWER_PER_PRETRAINING_SECOND,
+    LM_LAST_CHECK_SECONDS,
+    LM_ROUNDS,
     LM_TUNING_PER_PRETRAINING_SECOND,
     QUICK,
     QUICK_SPEC,
@@ -68,6 +70,7 @@ from vlm.demo.recipe import (
     Budget,
     folder_megabytes,
     keep_freed_memory,
+    lm_predicted_end,
     samples_drawn,
     save_fp16,
     stage2_records,
@@ -388,9 +391,11 @@ def test_instruction_rounds_stop_at_the_gate(corpus, tmp_path):
                                    max_rounds=3, threshold=0.0)
     assert len(passed) == 1 and set(passed[0]["answers"]) == {*GATE_CATEGORIES, "report_asset_code"}
     assert passed[0]["worst"] == min(passed[0]["answers"].values())
+    checked = []  # the recipe's clock hears of each check as it ends
     failing = tune_until_it_answers(root / "data", records, tokenizer, tmp_path / "lm", root / "data", 2, 2,
-                                    max_rounds=2, threshold=1.01)
+                                    max_rounds=2, threshold=1.01, on_check=checked.append)
     assert [r["steps"] for r in failing] == [0, 2, 2] and [r.get("round") for r in failing] == [None, 1, 2]
+    assert checked == failing
 
 
 def test_scoring_from_true_twins_puts_each_panels_twin_where_the_image_goes(corpus):
@@ -594,12 +599,27 @@ def test_tower_seconds_keep_the_build_in_its_minutes_on_a_slow_day():
     assert slow == pytest.approx(60 * budget.build_minutes - 200.0 - AFTER_TOWER_PER_PRETRAINING_SECOND * 726.0)
     assert slow < 60 * budget.tower_minutes
     assert tower_seconds(QUICK, 1.0, 2.0) is None  # the smoke test has no clock
-    # The LM on time: its predicted end comes before the clock's limit, which holds.
-    assert tower_seconds(budget, 200.0, 726.0, lm_started_at=100.0) == pytest.approx(slow)
-    # The LM late (slow pretraining): the tower trains on until the LM's predicted end, still under its cap.
-    late = tower_seconds(budget, 160.0, 864.0, lm_started_at=90.0)
-    assert late == pytest.approx(90.0 + (1 + LM_TUNING_PER_PRETRAINING_SECOND) * 864.0 - 160.0)
+    # The LM on time: its (predicted) end comes before the clock's limit, which holds.
+    assert tower_seconds(budget, 200.0, 726.0, lm_ends_at=2000.0) == pytest.approx(slow)
+    # The LM late: the tower trains on until the LM's end, still under its cap.
+    late = tower_seconds(budget, 160.0, 864.0, lm_ends_at=2500.0)
+    assert late == pytest.approx(2500.0 - 160.0)
     assert tower_seconds(budget, 160.0, 864.0) < late <= 60 * budget.tower_minutes
+
+
+def test_lm_end_is_predicted_from_its_pretraining_then_from_its_last_round():
+    # Before two rounds have run: a multiple of its pretraining's time after its start.
+    from_pretraining = 90.0 + (1 + LM_TUNING_PER_PRETRAINING_SECOND) * 800.0
+    assert lm_predicted_end(90.0, 800.0, []) == pytest.approx(from_pretraining)
+    assert lm_predicted_end(90.0, 800.0, [900.0, 1500.0]) == pytest.approx(from_pretraining)
+    # Rounds of 250 s on a slow day: each round left takes as long as the last one did.
+    checks = [900.0, 1500.0, 1750.0]
+    assert lm_predicted_end(90.0, 800.0, checks) == pytest.approx(1750.0 + (LM_ROUNDS - 2) * 250.0
+                                                                   + LM_LAST_CHECK_SECONDS)
+    assert lm_predicted_end(90.0, 800.0, checks) > from_pretraining
+    # Every expected round done and the job still running: only its last check is left.
+    done = [900.0 + 250.0 * i for i in range(LM_ROUNDS + 1)]
+    assert lm_predicted_end(90.0, 800.0, done) == pytest.approx(done[-1] + LM_LAST_CHECK_SECONDS)
 
 
 def test_stage2_fits_its_steps_to_the_time_left_at_stage_1s_pace():

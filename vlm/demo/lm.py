@@ -254,7 +254,8 @@ def report_codes(model, tokenizer: PreTrainedTokenizerFast, data_dir: str | Path
 
 def tune_until_it_answers(texts_dir: str | Path, records: list[dict], tokenizer: PreTrainedTokenizerFast,
                           lm_dir: str | Path, gate_dir: str | Path, first_steps: int, more_steps: int,
-                          max_rounds: int, threshold: float = 0.95, rounds_done: int = 0) -> list[dict]:
+                          max_rounds: int, threshold: float = 0.95, rounds_done: int = 0,
+                          on_check: Callable[[dict], None] | None = None) -> list[dict]:
     """``instruction_tune`` in rounds (``first_steps``, then ``more_steps`` each, round r drawing with seed r)
     until the LM answers ``threshold`` of ``gate_dir``'s questions right in every ``GATE_CATEGORIES``, and
     writes the right code into that share of reports (``report_codes``), from the panels' exact twins, or
@@ -266,7 +267,7 @@ def tune_until_it_answers(texts_dir: str | Path, records: list[dict], tokenizer:
     after a 2,500-step round in one build, 100% after one more round); the other facts come with more
     rounds too (lamps 86% after one round in one build, 96.5% after two in another).
     ``rounds_done``: rounds an earlier run already gave this LM (a rerun goes on from there). Returns one
-    entry per round, after the check before the first.
+    entry per round, after the check before the first; ``on_check`` gets each entry as soon as it is made.
     """
     twins = panel_twins(gate_dir)
 
@@ -276,6 +277,8 @@ def tune_until_it_answers(texts_dir: str | Path, records: list[dict], tokenizer:
         return {"answers": answers, "worst": min(answers.values())}
 
     rounds = [{"steps": 0, **gate(AutoModelForCausalLM.from_pretrained(lm_dir))}]
+    if on_check is not None:
+        on_check(rounds[-1])
     while rounds[-1]["worst"] < threshold and rounds_done + len(rounds) <= max_rounds:
         index = rounds_done + len(rounds) - 1
         steps = first_steps if index == 0 else more_steps
@@ -285,6 +288,8 @@ def tune_until_it_answers(texts_dir: str | Path, records: list[dict], tokenizer:
                        **gate(AutoModelForCausalLM.from_pretrained(lm_dir))})
         print(f"LM round {index + 1}: " + ", ".join(f"{k} {v:.3f}" for k, v in rounds[-1]["answers"].items()),
               flush=True)
+        if on_check is not None:
+            on_check(rounds[-1])
     return rounds
 
 

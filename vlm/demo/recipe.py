@@ -18,6 +18,7 @@ import multiprocessing
 import random
 import shutil
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -156,12 +157,15 @@ QUICK_SPEC = TowerSpec(image_size=128, patch_size=32, width=64, layers=1, text_w
 AFTER_TOWER_PER_PRETRAINING_SECOND = 1.45
 
 
-# Stage 2 sizes itself by the clock: its steps took 2.13-2.38x stage 1's in builds 16-24 and 2.90x in build 25
-# (both on both cores, back to back, so the day's speed mostly cancels), and around its loop come 40 s of
-# checks and loading and 12-22 s of merging, saving and the last evaluation. Build 24's after-tower time was
+# Stage 2 sizes itself by the clock: its steps took 2.13-2.38x stage 1's in builds 16-24 and 26, and 2.90x in
+# build 25 (both on both cores, back to back, so the day's speed mostly cancels); around its loop come 31-40 s
+# of checks and loading and 12-22 s of merging, saving and the last evaluation. Build 24's after-tower time was
 # 1.61x its pretraining, and stage 2's 1,000 steps took it to 61.9 min: on such a day stage 2 gets the steps
-# the hour has left.
-STAGE2_PER_STAGE1_STEP = 2.9
+# the hour has left. At 2.9x build 26 gave it 785 steps and ended 137 s early; 2.6x with the fixed seconds'
+# margin would still have kept build 25 inside the hour. Its steps are worth the tower's seconds: on build
+# 24's tower 400 steps instead of 1,000 read 64.0 vs 72.0% of held-out codes (lamps 90.5 vs 91.5, gauge
+# within +/-5 53.5 vs 52.0%), so the time after the tower stays as it was.
+STAGE2_PER_STAGE1_STEP = 2.6
 STAGE2_FIXED_SECONDS = 75.0
 
 
@@ -175,24 +179,36 @@ def stage2_steps(budget: Budget, seconds_left: float | None, stage1_history: lis
 
 # The LM's tuning rounds after its pretraining took 1.73-2.08x the pretraining's time (builds 16-25); with
 # its gate checks, its whole job took 2.92x and 2.90x its pretraining in builds 23 and 25. On such a day the
-# LM ends after the tower's clock limit, and the build waited for it with one core idle (516 and 258 s). The
-# tower now trains on until 1 + 1.75 pretraining times after the LM's start, short of its end, and stage 2
-# fits into what is left.
+# LM ends after the tower's clock limit, and the build waited for it with one core idle (516 and 258 s). So
+# the tower trains on until the LM's predicted end: 1 + 1.75 pretraining times after its start until two
+# rounds have run, then the last round's time (tuning and check) for each round left of the 5 every build
+# has needed; build 26 still waited ~300 s on the first rule alone. Stage 2 fits into what is left.
 LM_TUNING_PER_PRETRAINING_SECOND = 1.75
+LM_ROUNDS = 5
+LM_LAST_CHECK_SECONDS = 30.0  # after the last round: the held-out score from the twins, and saving
+
+
+def lm_predicted_end(lm_started_at: float, pretraining_seconds: float, checks_ended_at: list[float]) -> float:
+    """When the LM job will be done, in seconds from the build's start. ``checks_ended_at``: when each of
+    its gate checks ended so far, the first being the check before round 1."""
+    rounds = len(checks_ended_at) - 1
+    if rounds < 2:  # round 1 is longer (2,500 steps against 1,000): it says little about the others
+        return lm_started_at + (1 + LM_TUNING_PER_PRETRAINING_SECOND) * pretraining_seconds
+    last_round = checks_ended_at[-1] - checks_ended_at[-2]
+    return checks_ended_at[-1] + max(0, LM_ROUNDS - rounds) * last_round + LM_LAST_CHECK_SECONDS
 
 
 def tower_seconds(budget: Budget, tower_started_at: float, pretraining_seconds: float | None,
-                  lm_started_at: float | None = None) -> float | None:
+                  lm_ends_at: float | None = None) -> float | None:
     """The tower's wall-time limit: its own cap and, once the LM's pretraining has shown how fast the
     machine runs today, the time that leaves the rest of the build inside ``budget.build_minutes``, or
-    until the LM's predicted end if that is later (the build waits for the LM anyway).
-    ``tower_started_at`` and ``lm_started_at`` are in seconds from the start of the build."""
+    until the LM's (predicted) end if that is later: the build waits for the LM anyway.
+    ``tower_started_at`` and ``lm_ends_at`` are in seconds from the start of the build."""
     limits = [60 * budget.tower_minutes] if budget.tower_minutes else []
     if budget.build_minutes and pretraining_seconds is not None:
         by_clock = 60 * budget.build_minutes - tower_started_at - AFTER_TOWER_PER_PRETRAINING_SECOND * pretraining_seconds
-        if lm_started_at is not None:
-            lm_done = lm_started_at + (1 + LM_TUNING_PER_PRETRAINING_SECOND) * pretraining_seconds - tower_started_at
-            by_clock = max(by_clock, lm_done)
+        if lm_ends_at is not None:
+            by_clock = max(by_clock, lm_ends_at - tower_started_at)
         limits.append(by_clock)
     return min(limits, default=None)
 
@@ -346,21 +362,30 @@ def data_folders(work: Path) -> tuple[Path, Path, Path]:
 
 
 def _lm_job(work: Path, budget: Budget, threads: int, instruct: bool) -> dict:
-    """Pretraining, or instruction tuning until it answers from the twin: how an instruct LLM is made."""
+    """Pretraining, or instruction tuning until it answers from the twin: how an instruct LLM is made.
+    The tuning writes the wall time of each gate check to ``lm_checks.json`` (the tower's clock reads it)."""
     torch.set_num_threads(threads)
     keep_freed_memory()
     tokenizer = PreTrainedTokenizerFast.from_pretrained(work / "lm")
     if instruct:
-        return _instruct_lm(work, tokenizer, budget, rounds_done=0)
+        checks: list[float] = []
+
+        def note_check(_: dict) -> None:
+            checks.append(time.time())
+            (work / "lm_checks.json.part").write_text(json.dumps(checks))
+            (work / "lm_checks.json.part").replace(work / "lm_checks.json")  # never read half-written
+        return _instruct_lm(work, tokenizer, budget, rounds_done=0, on_check=note_check) | {"ended_at": time.time()}
     return pretrain_lm(corpus_texts(data_folders(work)[0], tokenizer), tokenizer, work / "lm", steps=budget.lm_steps,
                        hidden_size=budget.lm_hidden, layers=budget.lm_layers)
 
 
-def _instruct_lm(work: Path, tokenizer, budget: Budget, rounds_done: int) -> dict:
+def _instruct_lm(work: Path, tokenizer, budget: Budget, rounds_done: int,
+                 on_check: Callable[[dict], None] | None = None) -> dict:
     train_dir, eval_dir, gate_dir = data_folders(work)
     records = instruction_records(train_dir, budget.lm_long_share, TRAIN_SEED)
     rounds = tune_until_it_answers(train_dir, records, tokenizer, work / "lm", gate_dir, budget.lm_instruct_steps,
-                                   budget.lm_instruct_more_steps, budget.lm_instruct_rounds, rounds_done=rounds_done)
+                                   budget.lm_instruct_more_steps, budget.lm_instruct_rounds, rounds_done=rounds_done,
+                                   on_check=on_check)
     model = AutoModelForCausalLM.from_pretrained(work / "lm")
     return {"instruction_rounds": rounds,
             "held_out_from_true_twins": score(model, tokenizer, eval_dir, budget.eval_limit, twins=panel_twins(eval_dir))}
@@ -396,6 +421,8 @@ def build(out: Path, work: Path, quick: bool = False, example: Path | None = Non
     torch.set_num_threads(share)
     pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
     lm_started_at = time.perf_counter() - recipe.started
+    build_started_on_wall_clock = time.time() - lm_started_at  # the LM's process reports wall times
+    (work / "lm_checks.json").unlink(missing_ok=True)
     pretraining = pool.submit(_lm_job, work, budget, share, instruct=False)
     lm_job = pool.submit(_lm_job, work, budget, share, instruct=True)  # the same worker, once pretraining is done
 
@@ -409,9 +436,17 @@ def build(out: Path, work: Path, quick: bool = False, example: Path | None = Non
     with recipe.step("tower"):
         loss, tower_started_at = budget.tower_loss, time.perf_counter() - recipe.started
 
+        def lm_ends_at() -> float:
+            if lm_job.done():
+                return lm_job.result()["ended_at"] - build_started_on_wall_clock
+            checks = work / "lm_checks.json"
+            checks_ended_at = [t - build_started_on_wall_clock for t in json.loads(checks.read_text())] if checks.exists() else []
+            return lm_predicted_end(lm_started_at, pretraining.result()["seconds"], checks_ended_at)
+
         def seconds_allowed() -> float | None:
-            return tower_seconds(budget, tower_started_at, pretraining.result()["seconds"] if pretraining.done() else None,
-                                 lm_started_at)
+            if not pretraining.done():
+                return tower_seconds(budget, tower_started_at, None)
+            return tower_seconds(budget, tower_started_at, pretraining.result()["seconds"], lm_ends_at())
         model, history = train_tower(pixels, captions, targets, tokenizer, spec, loss=loss, steps=budget.tower_steps,
                                      max_seconds=seconds_allowed, batch_size=budget.tower_batch,
                                      lr=budget.tower_lr, desc=f"tower {loss}", held_out=(eval_pixels, eval_targets),
@@ -428,7 +463,7 @@ def build(out: Path, work: Path, quick: bool = False, example: Path | None = Non
         del model, pixels
 
     with recipe.step("language_model_wait"):  # pretraining ran beside the tower; its own time is in metrics
-        result = pretraining.result() | lm_job.result()
+        result = pretraining.result() | {k: v for k, v in lm_job.result().items() if k != "ended_at"}
         pool.shutdown()
         torch.set_num_threads(cores)
         plot(result["history"], ["loss"], work / "loss_lm.png", "LM pretraining on the corpus text")
