@@ -161,10 +161,11 @@ AFTER_TOWER_PER_PRETRAINING_SECOND = 1.45
 # build 25 (both on both cores, back to back, so the day's speed mostly cancels); around its loop come 31-40 s
 # of checks and loading and 12-22 s of merging, saving and the last evaluation. Build 24's after-tower time was
 # 1.61x its pretraining, and stage 2's 1,000 steps took it to 61.9 min: on such a day stage 2 gets the steps
-# the hour has left. At 2.9x build 26 gave it 785 steps and ended 137 s early; 2.6x with the fixed seconds'
-# margin would still have kept build 25 inside the hour. Its steps are worth the tower's seconds: on build
-# 24's tower 400 steps instead of 1,000 read 64.0 vs 72.0% of held-out codes (lamps 90.5 vs 91.5, gauge
-# within +/-5 53.5 vs 52.0%), so the time after the tower stays as it was.
+# the hour has left. At 2.9x build 26 gave it 785 steps and ended 137 s early; at 2.6x build 27 gave it 691
+# steps (they took 2.17x) and ended 88 s early; with the fixed seconds' margin 2.6x would still have kept
+# build 25 inside the hour. Its steps are worth the tower's seconds: on build 24's tower 400 steps instead of
+# 1,000 read 64.0 vs 72.0% of held-out codes (lamps 90.5 vs 91.5, gauge within +/-5 53.5 vs 52.0%), so the
+# time after the tower stays as it was.
 STAGE2_PER_STAGE1_STEP = 2.6
 STAGE2_FIXED_SECONDS = 75.0
 
@@ -182,7 +183,8 @@ def stage2_steps(budget: Budget, seconds_left: float | None, stage1_history: lis
 # LM ends after the tower's clock limit, and the build waited for it with one core idle (516 and 258 s). So
 # the tower trains on until the LM's predicted end: 1 + 1.75 pretraining times after its start until two
 # rounds have run, then the last round's time (tuning and check) for each round left of the 5 every build
-# has needed; build 26 still waited ~300 s on the first rule alone. Stage 2 fits into what is left.
+# has needed. On the first rule alone build 26 still waited 172 s; with both, build 27 waited 2 s (its tower
+# trained 2,456 s where the clock gave ~2,160). Stage 2 fits into what is left.
 LM_TUNING_PER_PRETRAINING_SECOND = 1.75
 LM_ROUNDS = 5
 LM_LAST_CHECK_SECONDS = 30.0  # after the last round: the held-out score from the twins, and saving
