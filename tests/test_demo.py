@@ -729,6 +729,10 @@ def test_quick_recipe_end_to_end(tmp_path, capsys):
     assert metrics["stage2"]["steps"] == QUICK.instruct_steps  # no clock in the smoke test
     rounds = metrics["language_model"]["instruction_rounds"]
     assert rounds[0]["steps"] == 0 and [r["round"] for r in rounds[1:]] == [1, 2]  # the tiny LM never passes its gate
+    # The LM's process wrote the wall time of each gate check as it ended, in order, for the tower's clock.
+    checks = json.loads((tmp_path / "work" / "lm_checks.json").read_text())
+    assert len(checks) == len(rounds) and checks == sorted(checks)
+    assert 0 < checks[-1] - checks[0] < record["total_seconds"]
     # The last part again from the work folder: no round is left to give, the stages rerun and save.
     assert main(["stages", "--out", str(tmp_path / "again"), "--work", str(tmp_path / "work"),
                  "--threads", str(torch.get_num_threads())]) == 0
