@@ -35,6 +35,7 @@ from vlm.demo.contrastive import (
     seed_query_projector,
     siglip_loss,
     spot_targets,
+    tokenize_captions,
     train_tower,
     where_loss,
     zero_shot,
@@ -570,6 +571,26 @@ def test_tiny_tower_trains_saves_and_loads_as_a_vision_tower(corpus, tmp_path):
     processor = load_image_processor(str(tmp_path / "tower"))
     features = tower(processor(list(images[:2]), return_tensors="pt")["pixel_values"])
     assert features.shape == (2, (SPEC.image_size // SPEC.patch_size) ** 2, SPEC.width)
+
+
+def test_contrastive_weight_scales_only_the_caption_term(corpus):
+    _, tokenizer = corpus
+    tokenizer.padding_side = "right"
+    images, truths = zip(*[generate_panel(13, i, QUICK_SPEC.image_size) for i in range(4)], strict=True)
+    reports = [make_report(t) for t in truths]
+    pixels = image_processor(QUICK_SPEC)(list(images), return_tensors="pt")["pixel_values"]
+    grid = QUICK_SPEC.image_size // QUICK_SPEC.patch_size
+    targets = torch.tensor([spot_targets(r, t["camera"]["layout"], QUICK_SPEC.patch_size, grid)
+                            for r, t in zip(reports, truths, strict=True)])
+    text = tokenize_captions(tokenizer, [caption_of(r) for r in reports])
+    torch.manual_seed(0)
+    model = Contrastive(build_clip(QUICK_SPEC, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id), "siglip")
+    totals = {}
+    for weight in (1.0, 0.25):
+        model.contrastive_weight = weight
+        totals[weight], parts = model(pixels, text["input_ids"], text["attention_mask"], targets)
+        assert totals[weight].item() == pytest.approx(weight * parts["contrastive"] + parts["fields"], rel=1e-5)
+    assert totals[1.0].item() - totals[0.25].item() == pytest.approx(0.75 * parts["contrastive"], rel=1e-4)
 
 
 def test_tower_stops_when_a_limit_asked_every_step_runs_out():

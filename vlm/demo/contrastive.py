@@ -295,9 +295,9 @@ def image_processor(spec: TowerSpec) -> CLIPImageProcessorPil:
 class Contrastive(nn.Module):
     """CLIPModel + the bias SigLIP adds to its logits + the caption-field heads."""
 
-    def __init__(self, clip: CLIPModel, loss: str) -> None:
+    def __init__(self, clip: CLIPModel, loss: str, contrastive_weight: float = 1.0) -> None:
         super().__init__()
-        self.clip, self.loss = clip, loss
+        self.clip, self.loss, self.contrastive_weight = clip, loss, contrastive_weight
         self.heads = SpotHeads(clip.config.vision_config.hidden_size)
         if loss == "siglip":  # the paper's initialisation: t' = log 10, b = -10
             with torch.no_grad():
@@ -316,7 +316,7 @@ class Contrastive(nn.Module):
             contrast = clip_loss(image_embeds, text_embeds, self.clip.logit_scale)
         else:
             contrast = siglip_loss(image_embeds, text_embeds, self.clip.logit_scale, self.logit_bias)
-        return contrast + fields, {"contrastive": contrast.item(), "fields": fields.item()}
+        return self.contrastive_weight * contrast + fields, {"contrastive": contrast.item(), "fields": fields.item()}
 
 
 def tokenize_captions(tokenizer, captions: list[str]) -> dict[str, torch.Tensor]:
@@ -330,7 +330,8 @@ def train_tower(pixels: torch.Tensor, captions: list[str], targets: torch.Tensor
                 batch_size: int = 64,
                 lr: float = 1e-3, seed: int = 0, desc: str = "tower",
                 held_out: tuple[torch.Tensor, torch.Tensor] | None = None,
-                eval_every: int = 250, before_step: Callable[[], None] | None = None) -> tuple[Contrastive, list[dict]]:
+                eval_every: int = 250, before_step: Callable[[], None] | None = None,
+                contrastive_weight: float = 1.0) -> tuple[Contrastive, list[dict]]:
     """Train from random weights; ``max_seconds`` stops early on a wall-time budget (the CPU is shared).
     It may be a function, asked again every step: the recipe learns how much time is left as it goes.
 
@@ -344,7 +345,7 @@ def train_tower(pixels: torch.Tensor, captions: list[str], targets: torch.Tensor
     else:
         tokenizer.padding_side = "right"
         clip = build_clip(spec, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
-    model = Contrastive(clip, loss)
+    model = Contrastive(clip, loss, contrastive_weight)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     rest = [p for n, p in model.named_parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": rest, "weight_decay": 0.0}],

@@ -90,6 +90,13 @@ class Budget:
     # zero-shot caption checks, the earlier criterion, flipped between builds (means 0.437 vs 0.404
     # for CLIP, then 0.409 vs 0.437): noise at that budget, where the reading is not.
     tower_loss: str = "siglip"
+    # The caption loss's weight beside the fields' (the reading). At 1 SigLIP's term was ~3.5 against the
+    # fields' ~1 for a whole build, and the step's gradient is clipped as one. Same panels and seed, one
+    # core each, 1,600 steps of 16, held-out by the fact heads, weight 0.2 against 1 after 400 / 800 / 1,600
+    # steps: code letters 34 / 57 / 79 against 28 / 46 / 62%, digits 47 / 69 / 85 against 37 / 59 / 76%,
+    # whole codes (pooled) 0 / 6 / 36 against 0 / 1 / 13%, gauge within +/-5 34 / 50 / 61 against 22 / 46
+    # / 53%. The caption loss itself ended at 2.99 against 2.38: it still learns, more slowly.
+    tower_contrastive_weight: float = 0.2
     # A step count, so that a slower LM beside it cannot shorten the tower's schedule (one build's tower
     # got 2,323 steps in 36 min, another 2,475 in 32); the minutes are a cap, and ``tower_seconds`` ends it
     # sooner on a slow day so that the whole build stays within ``build_minutes``.
@@ -451,7 +458,8 @@ def build(out: Path, work: Path, quick: bool = False, example: Path | None = Non
             return tower_seconds(budget, tower_started_at, pretraining.result()["seconds"], lm_ends_at())
         model, history = train_tower(pixels, captions, targets, tokenizer, spec, loss=loss, steps=budget.tower_steps,
                                      max_seconds=seconds_allowed, batch_size=budget.tower_batch,
-                                     lr=budget.tower_lr, desc=f"tower {loss}", held_out=(eval_pixels, eval_targets),
+                                     lr=budget.tower_lr, contrastive_weight=budget.tower_contrastive_weight,
+                                     desc=f"tower {loss}", held_out=(eval_pixels, eval_targets),
                                      eval_every=8000 // budget.tower_batch,  # held-out every 8,000 images
                                      before_step=all_cores_once_lm_is_done)
         plot(history, ["loss", "contrastive", "fields"], work / "loss_tower.png", f"tower ({loss} + caption fields)")
