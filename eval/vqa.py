@@ -14,6 +14,7 @@ model folder). The scoring rules are in eval/scoring.py.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from collections.abc import Sequence
@@ -488,6 +489,17 @@ def with_suffix(text: str, suffix: str) -> str:
     return "\n".join([text, *missing]) if missing else text
 
 
+def model_files_stamp(folder: Path) -> str:
+    """A short stamp of a local model folder's files (name, size, modification time; ``results/`` left
+    out, the evaluations write there): retrained into the same folder, the model is another model."""
+    files = sorted(f for f in folder.rglob("*") if f.is_file() and "results" not in f.relative_to(folder).parts)
+    stamp = hashlib.sha256()
+    for f in files:
+        info = f.stat()
+        stamp.update(f"{f.relative_to(folder).as_posix()}\0{info.st_size}\0{info.st_mtime_ns}\n".encode())
+    return stamp.hexdigest()[:16]
+
+
 def _read_answers(path: Path, questions: Sequence[Question], settings: dict, model_id: str) -> dict[str, str]:
     """Answers already in OUT/answers.jsonl; a crash can leave a cut-off last line, which is dropped."""
     if not path.exists():
@@ -507,9 +519,14 @@ def _read_answers(path: Path, questions: Sequence[Question], settings: dict, mod
     resolve = _resolver(questions)
     answers = {}
     for number, r in enumerate(records, 1):
+        metadata = r.get("metadata") or {}
+        if r.get("model_id") == model_id and metadata.get("model_files") != settings["model_files"]:
+            raise BadInput(
+                f"{path}: line {number} was written by {model_id} before its files changed "
+                f"(stamp {metadata.get('model_files')}, now {settings['model_files']}); use another --out"
+            )
         same = r.get("model_id") == model_id and all(
-            (r.get("metadata") or {}).get(k) == settings[k]
-            for k in ("benchmark", "max_new_tokens", "prompt_suffix")
+            metadata.get(k) == settings[k] for k in ("benchmark", "max_new_tokens", "prompt_suffix")
         )
         if not same:
             raise BadInput(
@@ -622,7 +639,7 @@ def _answer(
     except (FileNotFoundError, ValueError, OSError) as error:
         raise BadInput(f"cannot load model {args.model}: {error}") from None
     model.eval()
-    metadata = {k: settings[k] for k in ("benchmark", "max_new_tokens", "batch_size", "prompt_suffix")}
+    metadata = {k: settings[k] for k in ("benchmark", "max_new_tokens", "batch_size", "prompt_suffix", "model_files")}
     with answers_path.open("a", encoding="utf-8") as sink:
 
         def store(batch, prompts, replies):
@@ -675,6 +692,7 @@ def run(args: argparse.Namespace) -> dict | None:
         "limit": args.limit,
         "questions": [str(p) for p in args.questions],
         "annotations": [str(p) for p in args.annotations or ()],
+        "model_files": model_files_stamp(Path(args.model)) if local_model else None,
     }
 
     out = Path(args.out)

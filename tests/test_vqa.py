@@ -1,6 +1,7 @@
 """`python -m eval.vqa score` on small files in each official format; `run` end to end on a tiny model."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -341,6 +342,17 @@ def test_run_panels_resumes_and_saves_results(capsys, tmp_path, panels, model_di
     assert code == 0 and count_generation == [5, 9, 1] and "cut-off last line" in err
     assert len(path.read_text().splitlines()) == 14
     assert "another model or settings" in _error(capsys, *args[:-4], "--max-new-tokens", "5")
+
+    # Retrained into the same folder, the model is another model: its old answers are not reused.
+    weights = next(model_dir.rglob("*.safetensors"))
+    before = weights.stat()
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns + 1_000_000_000))
+    try:
+        assert "before its files changed" in _error(capsys, *args)
+    finally:
+        os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))
+    code, _, _ = _cli(capsys, *args)
+    assert code == 0 and count_generation == [5, 9, 1]  # results/ written by the runs does not count
 
 
 def test_run_vqav2_without_then_with_annotations(capsys, tmp_path, panels, model_dir, vqav2_files,
