@@ -12,6 +12,8 @@ tests walk the same path as a hub model:
 from __future__ import annotations
 
 import argparse
+import io
+import json
 from pathlib import Path
 
 import torch
@@ -80,11 +82,41 @@ def train_tokenizer(out_dir: str | Path, vocab_size: int = 384, template: str = 
     return PreTrainedTokenizerFast.from_pretrained(out_dir)
 
 
-def tiny_lm(out_dir: str | Path, family: str = "llama", vocab_size: int = 384, hidden_size: int = 64,
-            layers: int = 2, seed: int = 0) -> Path:
-    """A small Llama or Qwen2 causal LM with a trained tokenizer, saved as a hub-style folder."""
+def train_sentencepiece_tokenizer(out_dir: str | Path, vocab_size: int = 400):
+    """A Llama-style sentencepiece tokenizer as Vicuna and LLaVA ship it: ``tokenizer.model`` only, no
+    ``tokenizer.json``, legacy behaviour, ``<s>``/``</s>``/``<unk>`` at ids 1/2/0, byte fallback."""
+    import sentencepiece
+    from transformers import AutoTokenizer
+
     out_dir = Path(out_dir)
-    tokenizer = train_tokenizer(out_dir, vocab_size, "chatml" if family == "qwen2" else "llama3")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    corpus = (_CORPUS + "USER: ASSISTANT: The assistant gives helpful, detailed, and polite answers to the "
+              "user's questions.\n").splitlines() * 8
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus), model_writer=model, vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, add_dummy_prefix=True,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True,
+        allow_whitespace_only_pieces=True, minloglevel=2)
+    (out_dir / "tokenizer.model").write_bytes(model.getvalue())
+    (out_dir / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "pad_token": None, "legacy": True, "add_bos_token": True, "add_eos_token": False,
+        "model_max_length": 2048, "clean_up_tokenization_spaces": False}, indent=2))
+    return AutoTokenizer.from_pretrained(out_dir)
+
+
+def tiny_lm(out_dir: str | Path, family: str = "llama", vocab_size: int = 384, hidden_size: int = 64,
+            layers: int = 2, seed: int = 0, tokenizer: str = "bpe") -> Path:
+    """A small Llama or Qwen2 causal LM with a trained tokenizer, saved as a hub-style folder.
+
+    ``tokenizer="sentencepiece"`` gives the Llama a Vicuna-style ``tokenizer.model``-only tokenizer.
+    """
+    out_dir = Path(out_dir)
+    if tokenizer == "sentencepiece":
+        tokenizer = train_sentencepiece_tokenizer(out_dir, max(vocab_size, 400))
+    else:
+        tokenizer = train_tokenizer(out_dir, vocab_size, "chatml" if family == "qwen2" else "llama3")
     common = dict(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
                   num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                   max_position_embeddings=4096, bos_token_id=tokenizer.bos_token_id,
