@@ -57,6 +57,8 @@ class DataConfig:
     path: str | None = None  # LLaVA JSON / JSONL, or a local datasets folder / json / parquet / arrow file
     image_folder: str = "."  # record image paths are relative to this
     image_column: str = "image"  # for Hugging Face datasets: paths, bytes or PIL images
+    allow_outside_paths: bool = False  # let record image paths leave image_folder (absolute, ..)
+    image_aspect: str | None = None  # training pictures only; None: the model's (LLaVA-1.5 stage 1: crop)
     template: str = "chat"  # plain (stage 1: image + caption) | chat (the model's chat template)
     max_length: int = 2048  # counts visual tokens
     on_too_long: str = "skip"  # skip (reported) | truncate (never inside an image, never to zero loss) | error
@@ -68,6 +70,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         _check_choice("data.template", self.template, ("plain", "chat"))
         _check_choice("data.on_too_long", self.on_too_long, ("skip", "truncate", "error"))
+        if self.image_aspect is not None:
+            _check_choice("data.image_aspect", self.image_aspect, IMAGE_ASPECTS)
 
 
 @dataclass
