@@ -29,19 +29,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from vlm.images import ImageError, load_image  # heavy imports after argument errors are reported
+    from safetensors import SafetensorError  # heavy imports after argument errors are reported
+
+    from vlm.images import ImageError, load_image
     from vlm.model import load_pretrained
     from vlm.session import ChatSession
 
+    if Path(args.image).is_dir():
+        return _fail(f"--image {args.image} is a folder, not an image file")
+    if Path(args.model).is_file():
+        return _fail(f"--model {args.model} is a file, not a model folder")
     try:
         image = load_image(args.image)
+    except ImageError as error:
+        return _fail(str(error))
+    try:
         model, processor = load_pretrained(args.model, load_in_4bit=args.load_4bit, device=args.device,
                                            dtype=args.dtype)
-    except (ImageError, FileNotFoundError, ValueError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except (FileNotFoundError, ValueError, OSError, SafetensorError) as error:  # ModelFolderError: a ValueError
+        return _fail(f"cannot load model {args.model}: {' '.join(str(error).split())}")
     if args.report:
         from vlm.report import ReportError, generate_report
 

@@ -1,7 +1,8 @@
 """Train a stage: ``accelerate launch train_projector.py --config configs/X.yaml [key=value ...]``.
 
 ``stage: align`` trains the projector on image-caption pairs; ``stage: instruct`` trains LoRA on the LM
-plus the projector. Plain ``python train_projector.py ...`` runs on one process.
+plus the projector. Plain ``python train_projector.py ...`` runs on one process. An output folder belongs
+to one run: ``resume=true`` continues it (same settings and data), ``overwrite=true`` starts afresh.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
         from vlm.train.loop import train  # after the config is known good: importing torch takes seconds
 
         train(config)
-    except (DataError, ImageError, FileNotFoundError, ValueError) as error:
+    except (DataError, ImageError, OSError, ValueError) as error:  # OSError: a file or folder the user named
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

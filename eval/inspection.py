@@ -18,7 +18,7 @@ whole scale), a false alarm on a clean panel. Rates are percentages; intervals c
 ``eval.stats.bootstrap_interval`` over the scored units (panels, lamps, or damage items), so P/R/F1
 intervals resample items. F1 is the mean of the match indicators of all gold and predicted items, which
 equals 2TP / (2TP + FP + FN). Writes ``OUT/metrics.json``, ``OUT/reports.jsonl`` (the reports scored)
-and, for a local model folder, ``<model>/results/inspection.json``.
+and, with ``--save-to-model``, ``<model>/results/inspection.json``.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from eval.scoring import edit_distance
 from eval.stats import bootstrap_interval
+from vlm.files import write_atomic
 
 GAUGE_SPAN = 100  # a missing gauge reading counts as the whole scale wrong
 MATCHES = {"type": ("type",), "type_location": ("type", "location")}
@@ -202,12 +203,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/inspection"), help="where metrics.json goes")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--save-to-model", action="store_true",
+                        help="also write <model>/results/inspection.json (a local model folder)")
     try:
         args = parser.parse_args(argv)
         if args.limit is not None and args.limit < 1:
             raise BadInput(f"--limit must be at least 1, got {args.limit}")
         if args.batch_size < 1:
             raise BadInput(f"--batch-size must be at least 1, got {args.batch_size}")
+        if args.save_to_model and not Path(args.model).is_dir():
+            raise BadInput(f"--save-to-model needs a local model folder, not {args.model}")
         panels = read_panels(args.data, args.limit)
         records = predict(args.model, args.data, panels, args.batch_size, args.device)
     except BadInput as error:
@@ -226,13 +231,11 @@ def main(argv: list[str] | None = None) -> int:
     result = {"benchmark": "inspection", "model": args.model, "data": str(args.data), "n": len(panels),
               "schema": REPORT_SCHEMA["$id"], "failed": [r["id"] for r in failed], "metrics": metrics}
     print(format_table(metrics))
-    args.out.mkdir(parents=True, exist_ok=True)
     text = json.dumps(result, indent=2) + "\n"
-    (args.out / "metrics.json").write_text(text)
-    (args.out / "reports.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    if Path(args.model).is_dir():
-        (Path(args.model) / "results").mkdir(exist_ok=True)
-        (Path(args.model) / "results" / "inspection.json").write_text(text)
+    write_atomic(args.out / "metrics.json", text)
+    write_atomic(args.out / "reports.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    if args.save_to_model:  # only when asked: the model folder's results may be committed files
+        write_atomic(Path(args.model) / "results" / "inspection.json", text)
     print(f"wrote {args.out / 'metrics.json'}", file=sys.stderr)
     return 0
 

@@ -7,8 +7,10 @@ Benchmarks: vqav2, textvqa, vizwiz, gqa, pope, scienceqa (the IMG subset) and pa
 vlm.synth``). Question and annotation files are read in the benchmarks' official formats and as LLaVA's
 eval JSONL. ``run`` appends each answer to ``OUT/answers.jsonl`` as it comes, so a rerun continues where
 it stopped; it then writes ``OUT/submission.json`` (the benchmark's upload format, where it has one) and,
-when gold answers are known, ``OUT/metrics.json`` (and ``<model>/results/<benchmark>.json`` for a local
-model folder). The scoring rules are in eval/scoring.py.
+when gold answers are known, ``OUT/metrics.json``. It writes under OUT only; ``--save-to-model`` also
+saves the metrics as ``<model>/results/<benchmark>.json`` (a local model folder's committed results).
+TextVQA's official question file gets LLaVA's prompt, OCR tokens included, from ``--ocr
+TextVQA_Rosetta_OCR_v0.2_val.json`` (see ``textvqa_prompt``). The scoring rules are in eval/scoring.py.
 """
 
 from __future__ import annotations
@@ -22,10 +24,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
+
 from eval import scoring
+from vlm.files import write_atomic
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO_ROOT / "models" / "demo"
+# What loading a model raises for a broken folder: vlm.model.ModelFolderError is a ValueError, and
+# safetensors' own error (no file name) where a loader lets it through.
+MODEL_ERRORS: tuple[type[Exception], ...] = (FileNotFoundError, ValueError, OSError, SafetensorError)
 SHORT_ANSWER = "Answer the question using a single word or phrase."
 # LLaVA-1.5's response-format prompts, appended to each question.
 PROMPT_SUFFIX = {
@@ -72,6 +80,8 @@ class Question:
     image: str | None = None  # relative to the image folder
     gold: Any = None
     categories: dict[str, str] = field(default_factory=dict)
+    ocr_image: str | None = None  # TextVQA's official records: the image whose OCR tokens the prompt lists
+    ocr_tokens: list[str] | None = None  # those tokens, where the record itself carries them
 
 
 # ---- reading files -------------------------------------------------------------------------------
@@ -80,12 +90,16 @@ class Question:
 def read_json(path: str | Path) -> Any:
     """A JSON document or a JSON-lines file (a list of its records); bad syntax names line and column."""
     path = Path(path)
+    if path.is_dir():
+        raise BadInput(f"{path} is a folder, not a file")
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise BadInput(f"{path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise BadInput(f"cannot read {path}: {error}") from None
+    except UnicodeDecodeError as error:
+        raise BadInput(f"{path} is not UTF-8 text (byte {error.start}: {error.reason})") from None
+    except OSError as error:
+        raise BadInput(f"cannot read {path}: {error.strerror or error}") from None
     if not text.strip():
         raise BadInput(f"{path} is empty")
     try:
@@ -182,7 +196,12 @@ def _vqa_annotations(data, path, benchmark, skip):
 
 
 def _textvqa(data, path, benchmark, skip):
-    return _records(data["data"], path, "question_id", lambda r, i: f"{_field(r, 'image_id', path, i)}.jpg")
+    questions = _records(data["data"], path, "question_id", lambda r, i: f"{_field(r, 'image_id', path, i)}.jpg")
+    for q, r in zip(questions, data["data"], strict=True):
+        q.ocr_image = str(r["image_id"])
+        if isinstance(r.get("ocr_tokens"), list):  # lmms-eval's copy of the file carries them
+            q.ocr_tokens = [str(t) for t in r["ocr_tokens"]]
+    return questions
 
 
 def _vizwiz(data, path, benchmark, skip):
@@ -258,6 +277,9 @@ def _llava(data, path, benchmark, skip):
         q = Question(str(qid), qid, r.get("text", ""), r.get("image"))
         if benchmark == "vizwiz" and r.get("image"):  # pairs with VizWiz's own files, keyed by image
             q.key = str(r["image"])
+        elif benchmark == "textvqa" and str(qid) == Path(str(r.get("image"))).stem:
+            # LLaVA's TextVQA file names each question by its image: image and question tell them apart.
+            q.key = textvqa_pair(qid, q.text)
         elif benchmark == "pope":
             # POPE numbers each split from 1; the split is the record's category or its file's last word
             # (coco_pope_random.json -> random).
@@ -337,6 +359,9 @@ def load_benchmark(
         questions = with_image
     if annotations:
         gold = {a.key: a for a in annotations}
+        for a in annotations:  # LLaVA's TextVQA questions pair with the official file by image and question
+            if a.ocr_image is not None:
+                gold.setdefault(textvqa_pair(a.ocr_image, a.text), a)
         unmatched = [q.key for q in questions if q.key not in gold]
         if unmatched:
             raise BadInput(
@@ -350,6 +375,70 @@ def load_benchmark(
     return questions, skipped
 
 
+# ---- TextVQA's OCR tokens -------------------------------------------------------------------------
+
+OCR_LINE = "Reference OCR token: "
+
+
+def textvqa_pair(image_id: Any, prompt: str) -> str:
+    """``image/question`` as LLaVA's TextVQA scorer pairs a prompt with the official file: the prompt's
+    question line (not the OCR line nor the suffix), lowercased."""
+    lines = prompt.split("\n")
+    question = lines[1] if prompt.startswith(OCR_LINE.strip()) and len(lines) > 1 else lines[0]
+    return f"{image_id}/{question.strip().lower()}"
+
+
+def textvqa_prompt(question: str, tokens: Sequence[str]) -> str:
+    """A question as LLaVA's ``llava_textvqa_val_v051_ocr.jsonl`` writes it (the suffix comes later).
+
+    The question capitalised as Python's ``str.capitalize`` does, then a line listing every Rosetta OCR
+    token of the image (TextVQA_Rosetta_OCR_v0.2, in the file's order) joined by ", "; an image without
+    tokens gets no such line (LLaVA's scorer reads those two-line prompts too).
+    """
+    head = question.capitalize()
+    return f"{head}\n{OCR_LINE}{', '.join(tokens)}" if tokens else head
+
+
+def read_ocr(path: str | Path) -> dict[str, list[str]]:
+    """TextVQA's OCR file (``TextVQA_Rosetta_OCR_v0.2_val.json``): image id -> its OCR tokens."""
+    data = read_json(path)
+    records = data.get("data") if isinstance(data, dict) else None
+    if not isinstance(records, list):
+        raise BadInput(f"{path} is not a TextVQA OCR file: no 'data' list of image_id / ocr_tokens records")
+    table = {}
+    for i, r in enumerate(records):
+        tokens = _field(r, "ocr_tokens", path, i)
+        if not isinstance(tokens, list):
+            raise BadInput(f"{path}: record {i} has no list of ocr_tokens")
+        table[str(_field(r, "image_id", path, i))] = [str(t) for t in tokens]
+    return table
+
+
+def add_ocr(questions: Sequence[Question], ocr_path: str | Path | None, no_ocr: bool = False) -> None:
+    """Give TextVQA's official questions LLaVA's prompt text, OCR tokens from ``ocr_path`` or the record."""
+    official = [q for q in questions if q.ocr_image is not None]
+    if not official:
+        if ocr_path:
+            raise BadInput("--ocr applies to TextVQA's official question file (TextVQA_0.5.1_val.json) only")
+        return
+    table = read_ocr(ocr_path) if ocr_path else {}
+    if ocr_path:
+        absent = sorted({q.ocr_image for q in official if q.ocr_image not in table})
+        if absent:
+            raise BadInput(f"{len(absent)} images of the questions have no record in {ocr_path} (first: {absent[0]})")
+    elif not no_ocr and any(q.ocr_tokens is None for q in official):
+        raise BadInput(
+            "LLaVA's TextVQA prompt lists each image's OCR tokens, which TextVQA_0.5.1_val.json does not hold: "
+            "pass --ocr TextVQA_Rosetta_OCR_v0.2_val.json (or --no-ocr to ask without them)"
+        )
+    for q in official:
+        tokens = [] if no_ocr else table[q.ocr_image] if ocr_path else q.ocr_tokens
+        q.text = textvqa_prompt(q.text, tokens)
+
+
+# ---- predictions ---------------------------------------------------------------------------------
+
+
 def _resolver(questions: Sequence[Question]):
     """Maps a prediction record to a question key: by id, and by split too where ids repeat (POPE)."""
     keys = {q.key for q in questions}
@@ -357,9 +446,11 @@ def _resolver(questions: Sequence[Question]):
     for q in questions:
         by_id.setdefault(str(q.qid), []).append(q.key)
 
-    def resolve(record_id: Any, category: Any = None) -> str:
+    def resolve(record_id: Any, category: Any = None, prompt: Any = None) -> str:
         if category is not None and f"{category}/{record_id}" in keys:
             return f"{category}/{record_id}"
+        if isinstance(prompt, str) and textvqa_pair(record_id, prompt) in keys:  # LLaVA's TextVQA answers
+            return textvqa_pair(record_id, prompt)
         found = by_id.get(str(record_id), [])
         if len(found) > 1:
             raise BadInput(
@@ -392,7 +483,7 @@ def read_predictions(path: str | Path, questions: Sequence[Question]) -> tuple[d
                 f"{path}: record {i} needs an id (question_id, questionId or image) and an answer "
                 "(text, answer or prediction)"
             )
-        key = resolve(r[id_field], r.get("category"))
+        key = resolve(r[id_field], r.get("category"), r.get("prompt"))
         text = r[text_field]
         if key in predictions:
             duplicates.append(key)
@@ -460,8 +551,7 @@ def _with_context(result: dict, model: str | None, settings: dict, extra: dict) 
 
 
 def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def submission(
@@ -517,6 +607,7 @@ def _read_answers(path: Path, questions: Sequence[Question], settings: dict, mod
                 f"{path}: line {number} is not valid JSON; remove the file or use another --out"
             ) from None
     resolve = _resolver(questions)
+    prompts = {q.key: with_suffix(q.text, settings["prompt_suffix"]) for q in questions}
     answers = {}
     for number, r in enumerate(records, 1):
         metadata = r.get("metadata") or {}
@@ -533,7 +624,13 @@ def _read_answers(path: Path, questions: Sequence[Question], settings: dict, mod
                 f"{path}: line {number} was written by another model or settings "
                 f"({r.get('model_id')}, {r.get('metadata')}); use another --out"
             )
-        answers[resolve(r.get("question_id"), r.get("category"))] = r.get("text", "")
+        key = resolve(r.get("question_id"), r.get("category"), r.get("prompt"))
+        if key in prompts and r.get("prompt", prompts[key]) != prompts[key]:  # e.g. asked without OCR tokens
+            raise BadInput(
+                f"{path}: line {number} was asked another prompt ({r['prompt'][:60]!r}; now "
+                f"{prompts[key][:60]!r}); use another --out"
+            )
+        answers[key] = r.get("text", "")
     return answers
 
 
@@ -542,6 +639,8 @@ def _model_error(model: str) -> str | None:
     path = Path(model)
     if path.is_dir():
         return None if (path / "config.json").is_file() else f"model folder {model} has no config.json"
+    if path.is_file():
+        return f"--model {model} is a file, not a model folder"
     if path.is_absolute() or path.exists():
         return f"model {model} not found: pass --model with a model folder or a hub id"
     return None
@@ -629,16 +728,18 @@ def _answer(
     model_id: str,
     answers_path: Path,
     answers: dict[str, str],
+    total: int,
 ) -> None:
-    """Load the model and answer ``todo``, appending each finished batch to ``answers_path``."""
+    """Load the model and answer ``todo`` (of ``total``), appending each finished batch to ``answers_path``."""
     from vlm.images import ImageError
     from vlm.model import load_pretrained
 
     try:
         model, processor = load_pretrained(str(args.model), device=args.device, dtype=args.dtype)
-    except (FileNotFoundError, ValueError, OSError) as error:
-        raise BadInput(f"cannot load model {args.model}: {error}") from None
+    except MODEL_ERRORS as error:  # vlm.model.ModelFolderError (a ValueError) names the broken file
+        raise BadInput(f"cannot load model {args.model}: {' '.join(str(error).split())}") from None
     model.eval()
+    print(f"{total - len(todo)} of {total} already answered in {answers_path}; answering {len(todo)}", file=sys.stderr)
     metadata = {k: settings[k] for k in ("benchmark", "max_new_tokens", "batch_size", "prompt_suffix", "model_files")}
     with answers_path.open("a", encoding="utf-8") as sink:
 
@@ -679,9 +780,18 @@ def run(args: argparse.Namespace) -> dict | None:
         raise BadInput("--batch-size, --max-new-tokens and --limit must be at least 1")
     questions, skipped = load_benchmark(benchmark, args.questions, args.annotations or ())
     questions = questions[: args.limit] if args.limit else questions
+    if benchmark == "textvqa" or args.ocr:
+        add_ocr(questions, args.ocr, args.no_ocr)
     images_dir = Path(args.images) if args.images else Path(args.questions[0]).parent
+    for flag, folder in (("--images", images_dir), ("--out", Path(args.out))):
+        if folder.exists() and not folder.is_dir():
+            raise BadInput(f"{flag} {folder} is a file, not a folder")
+    if not images_dir.is_dir():
+        raise BadInput(f"--images {images_dir} does not exist")
     _check_run_inputs(args, questions, images_dir)
     local_model = Path(args.model).is_dir()
+    if args.save_to_model and not local_model:
+        raise BadInput(f"--save-to-model needs a local model folder, not {args.model}")
     model_id = str(Path(args.model).resolve()) if local_model else str(args.model)
     settings = {
         "benchmark": benchmark,
@@ -692,6 +802,7 @@ def run(args: argparse.Namespace) -> dict | None:
         "limit": args.limit,
         "questions": [str(p) for p in args.questions],
         "annotations": [str(p) for p in args.annotations or ()],
+        "ocr": str(args.ocr) if args.ocr else "none" if args.no_ocr else None,
         "model_files": model_files_stamp(Path(args.model)) if local_model else None,
     }
 
@@ -701,12 +812,7 @@ def run(args: argparse.Namespace) -> dict | None:
     answers = _read_answers(answers_path, questions, settings, model_id)
     todo = [q for q in questions if q.key not in answers]
     if todo:
-        print(
-            f"{len(questions) - len(todo)} of {len(questions)} already answered in {answers_path}; "
-            f"answering {len(todo)}",
-            file=sys.stderr,
-        )
-        _answer(args, todo, images_dir, settings, model_id, answers_path, answers)
+        _answer(args, todo, images_dir, settings, model_id, answers_path, answers, len(questions))
     upload = submission(benchmark, questions, answers, mode)
     if upload is not None:
         _write_json(out / SUBMISSION_FILE, upload)
@@ -720,7 +826,7 @@ def run(args: argparse.Namespace) -> dict | None:
     result = evaluate(benchmark, questions, answers, mode)
     result = _with_context(result, model_id, settings, {"skipped": skipped})
     _write_json(out / METRICS_FILE, result)
-    if local_model:  # beside the model's other results
+    if args.save_to_model:  # only when asked: the model folder's results may be committed files
         _write_json(Path(args.model) / "results" / f"{benchmark}.json", result)
     return result
 
@@ -775,6 +881,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     run_p.add_argument("--batch-size", type=int, default=8)
     run_p.add_argument("--max-new-tokens", type=int, default=128)
     run_p.add_argument("--limit", type=int, help="answer only the first N questions")
+    ocr = run_p.add_mutually_exclusive_group()
+    ocr.add_argument("--ocr", help="TextVQA: TextVQA_Rosetta_OCR_v0.2_val.json, the OCR tokens LLaVA's prompt lists")
+    ocr.add_argument("--no-ocr", action="store_true", help="TextVQA: ask the official questions without OCR tokens")
+    run_p.add_argument("--save-to-model", action="store_true",
+                       help="also write the metrics to <model>/results/<benchmark>.json (a local model folder)")
     run_p.add_argument("--device", default="cpu")
     run_p.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16, float16")
 

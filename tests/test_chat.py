@@ -1,5 +1,6 @@
 """chat.py and the chat session: streamed answers, one tower run per chat, one-line errors."""
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -90,3 +91,25 @@ def test_odd_but_valid_images_get_an_answer(tiny_model, tmp_path):
         image.save(tmp_path / name)
         session = ChatSession(model, processor, Image.open(tmp_path / name), max_new_tokens=2)
         assert isinstance(session.ask("what is shown ?"), str)
+
+
+def test_folders_files_and_corrupt_weights_get_one_line_naming_them(saved_models, tmp_path):
+    project, picture = saved_models / "project", saved_models / "panel.png"
+    cut, empty = tmp_path / "cut", tmp_path / "empty"
+    for copy in (cut, empty):
+        shutil.copytree(project, copy)
+    projector = cut / "projector.safetensors"
+    projector.write_bytes(projector.read_bytes()[: projector.stat().st_size // 2])
+    (empty / "language_model" / "model.safetensors").write_bytes(b"")
+    cases = {
+        f"--image {saved_models} is a folder, not an image file": ["--image", str(saved_models), "--model",
+                                                                  str(project)],
+        f"--model {picture} is a file, not a model folder": ["--image", str(picture), "--model", str(picture)],
+        str(projector): ["--image", str(picture), "--model", str(cut)],
+        str(empty / "language_model" / "model.safetensors"): ["--image", str(picture), "--model", str(empty)],
+    }
+    for expected, args in cases.items():
+        result = _chat(*args, "--prompt", "hi")
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert len(errors) == 1 and expected in errors[0], result.stderr

@@ -1,11 +1,13 @@
-"""Hugging Face Llava interop, both ways: same logits (fp32, <= 1e-4) and the same greedy tokens."""
+"""Hugging Face Llava interop, both ways: same pixels, logits (fp32, <= 1e-4) and greedy tokens on non-square images."""
 
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 from transformers import (
     AutoConfig,
     AutoProcessor,
@@ -16,23 +18,25 @@ from transformers import (
     LlavaProcessor,
 )
 
-from vlm import ModelConfig, build_vlm, load_pretrained
+from vlm import ModelConfig, ModelFolderError, build_vlm, load_pretrained
 from vlm.hf_llava import ExportError, export_llava
 from vlm.vision import vision_config_of
 
 PAIRS = [("clip", "llama"), ("siglip", "qwen2"), ("clip", "qwen2"), ("siglip", "llama")]
-PROMPTS = ["<image>\nwhat is the asset code ?", "USER: <image>\nis the fault lamp on ? ASSISTANT:"]
+PROMPTS = ["<image>\nwhat is the asset code ?", "USER: <image>\nis the fault lamp on ? ASSISTANT:",
+           "the gauge reads\n<image>"]
+SIZES = [(200, 300), (300, 200), (97, 401)]  # width x height: tall, wide, very tall
 
 
 def _pictures() -> list[Image.Image]:
     generator = torch.Generator().manual_seed(11)
-    return [Image.fromarray(torch.randint(0, 256, (56, 56, 3), generator=generator, dtype=torch.uint8).numpy())
-            for _ in PROMPTS]
+    return [Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=generator, dtype=torch.uint8).numpy())
+            for w, h in SIZES]
 
 
 def _compare(ours, our_processor, theirs, their_processor) -> None:
     pictures = _pictures()
-    our_inputs = our_processor(images=pictures, text=PROMPTS)
+    our_inputs = our_processor(images=pictures, text=PROMPTS, return_tensors="pt", padding=True)
     their_inputs = their_processor(images=pictures, text=PROMPTS, return_tensors="pt", padding=True)
     assert our_inputs["input_ids"].tolist() == their_inputs["input_ids"].tolist()
     torch.testing.assert_close(our_inputs["pixel_values"], their_inputs["pixel_values"])
@@ -42,13 +46,17 @@ def _compare(ours, our_processor, theirs, their_processor) -> None:
     mask = our_inputs["attention_mask"].bool()
     assert (our_logits - their_logits)[mask].abs().max().item() <= 1e-4
     our_tokens = ours.generate(**our_inputs, max_new_tokens=8, do_sample=False)
-    their_tokens = theirs.generate(**their_inputs, max_new_tokens=8, do_sample=False)
+    # Our models never generate the <image> placeholder; random weights may pick it, so Llava is told the same.
+    their_tokens = theirs.generate(**their_inputs, max_new_tokens=8, do_sample=False,
+                                   suppress_tokens=[theirs.config.image_token_id])
     assert our_tokens.tolist() == their_tokens.tolist()
 
 
-@pytest.mark.parametrize(("tower", "lm"), PAIRS)
-def test_export_to_llava_gives_same_logits_and_tokens(tmp_path, parts, tower, lm):
-    ours, our_processor = build_vlm(ModelConfig(vision_tower=str(parts[tower]), language_model=str(parts[lm])))
+@pytest.mark.parametrize(("tower", "lm", "aspect"), [(*pair, aspect) for pair, aspect in
+                                                     zip(PAIRS, ["pad", "crop", "resize", "pad"], strict=True)])
+def test_export_to_llava_gives_same_logits_and_tokens(tmp_path, parts, tower, lm, aspect):
+    ours, our_processor = build_vlm(ModelConfig(vision_tower=str(parts[tower]), language_model=str(parts[lm]),
+                                                image_aspect=aspect))
     torch.manual_seed(0)
     for p in ours.projector.parameters():  # a non-trivial projector, so a wrong copy would show
         torch.nn.init.normal_(p, std=0.2)
@@ -64,13 +72,17 @@ def test_export_to_llava_gives_same_logits_and_tokens(tmp_path, parts, tower, lm
     _compare(ours, our_processor, theirs, their_processor)
 
 
-def _random_llava_folder(out, tower_dir, lm_dir) -> None:
-    """A Llava checkpoint made by transformers alone, as a user would download one."""
+def _random_llava_folder(out, tower_dir, lm_dir, do_pad: bool = True, unused_tokens: int = 0) -> None:
+    """A Llava checkpoint made by transformers alone, as a user would download one.
+
+    ``unused_tokens``: the tokenizer lists that many tokens after ``<image>`` that the LM has no rows for.
+    """
     vision_config = vision_config_of(AutoConfig.from_pretrained(tower_dir))
     tokenizer = AutoTokenizer.from_pretrained(lm_dir)
     tokenizer.add_tokens(["<image>"], special_tokens=True)
     text_config = AutoConfig.from_pretrained(lm_dir)
     text_config.vocab_size = len(tokenizer)
+    tokenizer.add_tokens([f"<unused{i}>" for i in range(unused_tokens)], special_tokens=True)
     has_cls = vision_config.model_type == "clip_vision_model"
     config = LlavaConfig(vision_config=vision_config.to_dict(), text_config=text_config.to_dict(),
                          image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
@@ -79,25 +91,72 @@ def _random_llava_folder(out, tower_dir, lm_dir) -> None:
     LlavaForConditionalGeneration(config).save_pretrained(out)
     size = vision_config.image_size
     mean = [0.48145466, 0.4578275, 0.40821073] if has_cls else [0.5, 0.5, 0.5]
-    image_processor = LlavaImageProcessorPil(do_pad=True, size={"shortest_edge": size}, image_mean=mean,
-                                             crop_size={"height": size, "width": size}, image_std=mean)
+    if has_cls:  # CLIP: resize the short side, centre-crop
+        image_processor = LlavaImageProcessorPil(do_pad=do_pad, size={"shortest_edge": size}, image_mean=mean,
+                                                 crop_size={"height": size, "width": size}, image_std=mean)
+    else:  # SigLIP-based Llavas resize straight to a square
+        image_processor = LlavaImageProcessorPil(do_pad=do_pad, size={"height": size, "width": size},
+                                                 do_center_crop=False, image_mean=mean, image_std=mean)
     LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=vision_config.patch_size,
                    vision_feature_select_strategy=config.vision_feature_select_strategy,
                    num_additional_image_tokens=int(has_cls)).save_pretrained(out)
 
 
-@pytest.mark.parametrize(("tower", "lm"), PAIRS[:2])
-def test_import_from_llava_gives_same_logits_and_tokens(tmp_path, parts, tower, lm):
-    _random_llava_folder(tmp_path / "hf", parts[tower], parts[lm])
+def _llava(folder):
+    processor = AutoProcessor.from_pretrained(folder, backend="pil")
+    processor.tokenizer.padding_side = "left"
+    return LlavaForConditionalGeneration.from_pretrained(folder), processor
+
+
+@pytest.mark.parametrize(("tower", "lm", "do_pad"), [("clip", "llama", True), ("clip", "llama", False),
+                                                     ("siglip", "qwen2", True), ("siglip", "qwen2", False)])
+def test_import_from_llava_gives_same_logits_and_tokens(tmp_path, parts, tower, lm, do_pad):
+    _random_llava_folder(tmp_path / "hf", parts[tower], parts[lm], do_pad)
     ours, our_processor = load_pretrained(tmp_path / "hf")
-    theirs = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf")
-    their_processor = AutoProcessor.from_pretrained(tmp_path / "hf", backend="pil")
-    their_processor.tokenizer.padding_side = "left"
+    theirs, their_processor = _llava(tmp_path / "hf")
     _compare(ours, our_processor, theirs, their_processor)
-    # ... and an imported model saves as a project folder that loads back the same.
+    # ... and an imported model saves as a project folder that loads back with every weight and the vocabulary
+    # unchanged, and exports again to a Llava that matches the original one.
     ours.save_pretrained(tmp_path / "project", our_processor)
     again, again_processor = load_pretrained(tmp_path / "project")
+    assert len(again_processor.tokenizer) == len(our_processor.tokenizer)
+    assert again.language_model.get_input_embeddings().num_embeddings == theirs.config.text_config.vocab_size
+    before, after = ours.state_dict(), again.state_dict()
+    assert before.keys() == after.keys()
+    assert [k for k in before if not torch.equal(before[k], after[k])] == []
     _compare(again, again_processor, theirs, their_processor)
+    export_llava(again, again_processor, tmp_path / "hf_again")
+    _compare(*_llava(tmp_path / "hf_again"), theirs, their_processor)
+
+
+def test_round_trip_never_grows_an_imported_vocabulary(tmp_path, parts):
+    _random_llava_folder(tmp_path / "hf", parts["clip"], parts["qwen2"], unused_tokens=1)
+    ours, our_processor = load_pretrained(tmp_path / "hf")
+    rows = ours.language_model.get_input_embeddings().num_embeddings
+    assert rows == len(our_processor.tokenizer) - 1
+    ours.save_pretrained(tmp_path / "project", our_processor)
+    again, _ = load_pretrained(tmp_path / "project")
+    assert again.language_model.get_input_embeddings().num_embeddings == rows
+    assert again.language_model.get_output_embeddings().weight.shape[0] == rows
+
+
+def test_llava_folder_without_all_its_weights_is_refused(tmp_path, parts):
+    _random_llava_folder(tmp_path / "hf", parts["clip"], parts["llama"])
+    weights = tmp_path / "hf" / "model.safetensors"
+    name = re.escape(str(weights))
+    whole = weights.read_bytes()
+    tensors = load_file(weights)
+    save_file({k: v for k, v in tensors.items() if "linear_2" not in k}, weights, metadata={"format": "pt"})
+    with pytest.raises(ModelFolderError, match=rf"^{name}: lacks .*multi_modal_projector\.linear_2\.bias"):
+        load_pretrained(tmp_path / "hf")
+    layer = next(k for k in tensors if "layers.0.mlp.up_proj" in k)
+    save_file({**tensors, layer: tensors[layer][:3]}, weights, metadata={"format": "pt"})
+    with pytest.raises(ModelFolderError, match=r"mis-shaped .*up_proj\.weight \(\(3, 64\) in the file"):
+        load_pretrained(tmp_path / "hf")
+    for cut in (whole[: len(whole) // 2], b""):
+        weights.write_bytes(cut)
+        with pytest.raises(ModelFolderError, match=rf"^{name} is not a complete safetensors file"):
+            load_pretrained(tmp_path / "hf")
 
 
 def test_export_refuses_what_llava_cannot_hold(tmp_path, parts):

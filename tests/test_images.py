@@ -1,10 +1,10 @@
-"""Image loading: orientation, modes, bombs, squaring."""
+"""Image loading: orientation, modes, bombs, padding to a square."""
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from vlm.images import MAX_PIXELS, ImageError, load_image, to_square
+from vlm.images import MAX_PIXELS, ImageError, expand_to_square, load_image
 
 
 def test_exif_orientation_is_applied(tmp_path):
@@ -43,6 +43,8 @@ def test_decompression_bomb_is_refused(tmp_path):
 def test_missing_truncated_and_non_images_fail_with_one_line(tmp_path):
     with pytest.raises(ImageError, match="does not exist"):
         load_image(tmp_path / "none.png")
+    with pytest.raises(ImageError, match="is a folder, not an image file"):
+        load_image(tmp_path)
     (tmp_path / "text.png").write_text("not a picture")
     with pytest.raises(ImageError, match="cannot be read"):
         load_image(tmp_path / "text.png")
@@ -52,9 +54,14 @@ def test_missing_truncated_and_non_images_fail_with_one_line(tmp_path):
         load_image(tmp_path / "cut.jpg")
 
 
-def test_to_square_pads_crops_or_resizes():
-    image = Image.new("RGB", (60, 30), (255, 0, 0))
-    padded = to_square(image, "pad", (1, 2, 3))
-    assert padded.size == (60, 60) and padded.getpixel((0, 0)) == (1, 2, 3) and padded.getpixel((30, 30)) == (255, 0, 0)
-    assert to_square(image, "crop", (0, 0, 0)).size == (30, 30)
-    assert to_square(image, "resize", (0, 0, 0)).size == (60, 60)
+@pytest.mark.parametrize(("size", "offset"), [((60, 30), (0, 15)), ((30, 61), (15, 0))])
+def test_expand_to_square_centres_the_image_as_llava_does(size, offset):
+    image = Image.new("RGB", size, (255, 0, 0))
+    padded = expand_to_square(image, (1, 2, 3))
+    side = max(size)
+    assert padded.size == (side, side) and padded.getpixel((0, 0)) == (1, 2, 3)
+    # LLaVA's expand2square pastes at ((side - width) // 2, (side - height) // 2).
+    assert padded.getpixel(offset) == (255, 0, 0)
+    assert padded.getpixel((offset[0] + size[0] - 1, offset[1] + size[1] - 1)) == (255, 0, 0)
+    assert padded.getpixel((side - 1, side - 1)) == (1, 2, 3)
+    assert expand_to_square(padded, (0, 0, 0)) is padded

@@ -101,6 +101,9 @@ def test_command_scores_a_synth_folder_and_writes_results(tiny_model, panels, tm
     try:
         code = main(["--model", str(tmp_path / "model"), "--data", str(panels), "--limit", "2",
                      "--out", str(tmp_path / "out")])
+        assert not (tmp_path / "model" / "results").exists()  # the model folder only when asked
+        code = main(["--model", str(tmp_path / "model"), "--data", str(panels), "--limit", "2",
+                     "--out", str(tmp_path / "out"), "--save-to-model"])
     finally:
         torch.set_num_threads(threads)
     assert code == 0

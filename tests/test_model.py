@@ -1,10 +1,16 @@
 """The VLM itself: joining images and text, what is frozen, generation, save/load."""
 
+import json
+import re
+import subprocess
+import sys
+
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
-from vlm import CallbackStreamer, ModelConfig, build_vlm, load_pretrained
+from vlm import CallbackStreamer, ModelConfig, ModelFolderError, build_vlm, load_pretrained
 from vlm.testing import tiny_tower
 
 
@@ -176,6 +182,94 @@ def test_save_and_load_give_the_same_model(tmp_path, tiny_model, full):
                                model(**inputs).logits)
     with torch.no_grad():
         model.projector.linear_2.bias.sub_(0.5)
+
+
+def test_save_and_load_keep_the_vocabulary_and_every_weight(tmp_path, tiny_model):
+    model, processor = tiny_model
+    model.save_pretrained(tmp_path / "saved", processor)
+    loaded, loaded_processor = load_pretrained(tmp_path / "saved")
+    assert len(loaded_processor.tokenizer) == len(processor.tokenizer)
+    before, after = model.state_dict(), loaded.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_broken_weight_files_are_named_in_one_line(tmp_path, tiny_model):
+    model, processor = tiny_model
+    folder = tmp_path / "saved"
+    model.save_pretrained(folder, processor)
+    lm_file = folder / "language_model" / "model.safetensors"
+    lm_name, projector_name = re.escape(str(lm_file)), re.escape(str(folder / "projector.safetensors"))
+    whole = lm_file.read_bytes()
+    for cut in (whole[: len(whole) // 2], b""):
+        lm_file.write_bytes(cut)
+        with pytest.raises(ModelFolderError, match=rf"^{lm_name} is not a complete safetensors file"):
+            load_pretrained(folder)
+    # The command line says the same in one line and exits 2.
+    result = subprocess.run([sys.executable, "-m", "vlm.export", str(folder), str(tmp_path / "hf")],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: {lm_file} is not a complete safetensors file")
+    lm_file.write_bytes(whole)
+    tensors = load_file(lm_file)
+    save_file({k: v for k, v in tensors.items() if k != "model.layers.0.mlp.up_proj.weight"}, lm_file,
+              metadata={"format": "pt"})
+    with pytest.raises(ModelFolderError, match=rf"^{lm_name}: lacks model\.layers\.0\.mlp\.up_proj\.weight$"):
+        load_pretrained(folder)
+    lm_file.write_bytes(whole)
+
+    projector_file = folder / "projector.safetensors"
+    projector = load_file(projector_file)
+    save_file({k: v for k, v in projector.items() if k != "linear_2.bias"}, projector_file)
+    with pytest.raises(ModelFolderError, match=rf"^{projector_name}: lacks linear_2\.bias"):
+        load_pretrained(folder)
+    save_file({**projector, "linear_2.weight": projector["linear_2.weight"][:, :3].contiguous()}, projector_file)
+    with pytest.raises(ModelFolderError, match=r"mis-shaped linear_2\.weight \(\(64, 3\) in the file, \(64, 64\)"):
+        load_pretrained(folder)
+    projector_file.write_bytes(b"")
+    with pytest.raises(ModelFolderError, match=rf"^{projector_name} is not a complete safetensors file"):
+        load_pretrained(folder)
+    projector_file.unlink()
+    with pytest.raises(ModelFolderError, match=rf"^{projector_name} is missing"):
+        load_pretrained(folder)
+
+
+@pytest.mark.parametrize("component", ["vision_tower", "language_model"])
+def test_a_declared_component_folder_must_be_there(tmp_path, tiny_model, component):
+    model, processor = tiny_model
+    model.save_pretrained(tmp_path / "saved", processor)
+    (tmp_path / "saved" / component).rename(tmp_path / "elsewhere")
+    missing = re.escape(str(tmp_path / "saved" / component))
+    with pytest.raises(ModelFolderError, match=rf"declares its .* in {missing}, which is missing"):
+        load_pretrained(tmp_path / "saved")
+
+
+def test_a_stage2_result_refuses_to_load_without_its_adapter(tmp_path, parts):
+    from peft import LoraConfig, get_peft_model
+
+    model, processor = build_vlm(ModelConfig(vision_tower=str(parts["clip"]), language_model=str(parts["llama"])))
+    model.language_model = get_peft_model(model.language_model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():  # LoRA B starts at zero; a real adapter changes the logits
+        for name, p in model.language_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)
+    folder = tmp_path / "stage2"
+    model.save_pretrained(folder, processor, full=False, adapter=True)
+    assert json.loads((folder / "config.json").read_text())["adapter"] is True
+    config_name, adapter_name = re.escape(str(folder / "config.json")), re.escape(str(folder / "adapter"))
+    with pytest.raises(ModelFolderError, match=rf"^{config_name} declares a LoRA adapter but {adapter_name} holds none"):
+        load_pretrained(folder)
+    model.language_model.save_pretrained(folder / "adapter", save_embedding_layers=False)
+    loaded, loaded_processor = load_pretrained(folder)
+    assert hasattr(loaded.language_model, "peft_config")
+    inputs = processor(images=[_picture(9)], text=["<image> check"])
+    torch.testing.assert_close(loaded(**loaded_processor(images=[_picture(9)], text=["<image> check"])).logits,
+                               model(**inputs).logits)
+    # Merged and saved whole, it needs no adapter any more.
+    loaded.language_model = loaded.language_model.merge_and_unload()
+    loaded.save_pretrained(tmp_path / "merged", loaded_processor)
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["adapter"] is False
+    merged, _ = load_pretrained(tmp_path / "merged")
+    assert not hasattr(merged.language_model, "peft_config")
 
 
 def test_load_errors_are_one_line(tmp_path):

@@ -3,6 +3,7 @@
 import csv
 import json
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -134,15 +135,131 @@ def test_batch_records_a_corrupt_image_and_a_rerun_does_no_work_twice(saved_mode
 
     log = (out / "reports.jsonl").read_bytes()
     generated.clear()
-    assert batch.main(argv) == 0
-    assert "done 0, skipped 5, failed 0" in capsys.readouterr().out
-    assert generated == [] and (out / "reports.jsonl").read_bytes() == log
+    assert batch.main(argv) == 0  # the reports are kept; the failed image is tried again
+    assert "done 0, skipped 4, failed 1" in capsys.readouterr().out
+    assert generated == [] and (out / "reports.jsonl").read_bytes().startswith(log)
 
     _picture(9).save(images / "broken.png")  # a repaired file has new content, so it is redone alone
     assert batch.main(argv) == 0
     assert "done 1, skipped 4, failed 0" in capsys.readouterr().out
     assert generated == [1]
     assert batch.read_records(out / "reports.jsonl")["broken.png"]["error"] is None
+
+
+def test_a_failed_image_is_retried_and_a_cut_off_record_repaired(saved_model, tmp_path, monkeypatch, capsys):
+    images, out = tmp_path / "images", tmp_path / "out"
+    images.mkdir()
+    for i in range(3):
+        _picture(i).save(images / f"p{i}.png")
+    generated, original = [], VLM.generate
+
+    def flaky(self, *args, **kwargs):  # the first batch fails (as an out-of-memory error would)
+        generated.append(kwargs["pixel_values"].shape[0])
+        if len(generated) == 1:
+            raise RuntimeError("out of memory")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(VLM, "generate", flaky)
+    argv = [str(images), "--out", str(out), "--model", str(saved_model), "--batch-size", "2"]
+    assert batch.main(argv) == 0
+    assert "done 1, skipped 0, failed 2" in capsys.readouterr().out
+    assert batch.main(argv) == 0  # the two failed images are tried again, the report is kept
+    assert "done 2, skipped 1, failed 0" in capsys.readouterr().out and generated == [2, 1, 2]
+    records = batch.read_records(out / "reports.jsonl")
+    assert all(r["error"] is None for r in records.values()) and len(records) == 3
+
+    # A crash while writing leaves half a record: it is cut before the rerun appends, and its image redone.
+    log = out / "reports.jsonl"
+    lines = log.read_bytes().splitlines(keepends=True)
+    log.write_bytes(b"".join(lines[:-1]) + lines[-1][:30])
+    assert batch.main(argv) == 0
+    captured = capsys.readouterr()
+    assert "cut-off last line" in captured.err and "done 1, skipped 2, failed 0" in captured.out
+    assert all(json.loads(line) for line in log.read_text().splitlines())
+    assert sorted(batch.read_records(log)) == ["p0.png", "p1.png", "p2.png"]
+
+
+def test_outputs_are_replaced_whole(saved_model, tmp_path, monkeypatch, capsys):
+    images, out = tmp_path / "images", tmp_path / "out"
+    images.mkdir()
+    _picture(0).save(images / "p0.png")
+    argv = [str(images), "--out", str(out), "--model", str(saved_model)]
+    assert batch.main(argv) == 0
+    table, page = (out / "reports.csv").read_bytes(), (out / "index.html").read_bytes()
+    inodes = {name: (out / name).stat().st_ino for name in ("reports.csv", "index.html")}
+    (images / "notes.png").write_bytes(b"not a picture")
+
+    def failing_row(record):  # a crash while the table is written
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(batch, "_row", failing_row)
+    with pytest.raises(KeyboardInterrupt):
+        batch.main(argv)
+    assert (out / "reports.csv").read_bytes() == table and (out / "index.html").read_bytes() == page
+    monkeypatch.undo()
+    assert batch.main(argv) == 0
+    # Each file is a new one renamed over the old (a reader never sees half of it); no temporary is left.
+    assert all((out / name).stat().st_ino != inode for name, inode in inodes.items())
+    assert "notes.png" in (out / "reports.csv").read_text()
+    assert sorted(p.name for p in out.iterdir()) == ["index.html", "reports.csv", "reports.jsonl", "thumbs"]
+    capsys.readouterr()
+
+
+def _broken_copies(model_dir: Path, root: Path) -> dict[str, Path]:
+    """A saved model with its projector cut in half, and one whose LM weights file is empty."""
+    cut, empty = root / "cut", root / "empty"
+    for copy in (cut, empty):
+        shutil.copytree(model_dir, copy)
+    projector = cut / "projector.safetensors"
+    projector.write_bytes(projector.read_bytes()[: projector.stat().st_size // 2])
+    (empty / "language_model" / "model.safetensors").write_bytes(b"")
+    return {"projector.safetensors": cut, "model.safetensors": empty}
+
+
+def test_corrupt_weights_and_bad_paths_get_one_line(saved_model, tmp_path, capsys):
+    (tmp_path / "images").mkdir()
+    _picture(0).save(tmp_path / "images" / "p.png")
+    a_file = tmp_path / "images" / "p.png"
+    cases = {f"{name} ": [str(tmp_path / "images"), "--out", str(tmp_path / "out"), "--model", str(broken)]
+             for name, broken in _broken_copies(saved_model, tmp_path / "broken").items()}
+    cases[f"--model {a_file} is a file, not a model folder"] = [str(tmp_path / "images"), "--out",
+                                                                 str(tmp_path / "out"), "--model", str(a_file)]
+    cases[f"{a_file} is not a folder (a file"] = [str(a_file), "--out", str(tmp_path / "out"), "--model",
+                                                   str(saved_model)]
+    for expected, argv in cases.items():
+        assert batch.main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
+    # A line of reports.jsonl that is not UTF-8 only redoes its image.
+    out = tmp_path / "out"
+    (out / "reports.jsonl").write_bytes(b'{"image": "caf\xe9.png"}\n')
+    assert batch.main([str(tmp_path / "images"), "--out", str(out), "--model", str(saved_model)]) == 0
+    captured = capsys.readouterr()
+    assert "line 1 is not a report record" in captured.err and "done 1" in captured.out
+
+
+@pytest.fixture(scope="module")
+def vicuna_model(tmp_path_factory, parts):
+    """A tiny model with a Vicuna-style tokenizer (adds BOS itself) and LLaVA-1.5's vicuna_v1 template."""
+    from vlm import ModelConfig, build_vlm
+    from vlm.testing import tiny_lm
+
+    lm = tiny_lm(tmp_path_factory.mktemp("vicuna"), "llama", tokenizer="sentencepiece")
+    return build_vlm(ModelConfig(vision_tower=str(parts["clip"]), language_model=str(lm), chat_template="vicuna_v1"))
+
+
+def test_vicuna_report_prompt_carries_one_bos(vicuna_model, monkeypatch):
+    model, processor = vicuna_model
+    prompts, real = [], model.generate
+
+    def capture(**inputs):
+        prompts.append(inputs["input_ids"])
+        return real(**inputs)
+
+    monkeypatch.setattr(model, "generate", capture)
+    ReportGenerator(model, processor, max_new_tokens=2).generate_texts([_picture(0), _picture(1)])
+    bos = processor.tokenizer.bos_token_id
+    assert bos is not None and [int((row == bos).sum()) for row in prompts[0]] == [1, 1]
 
 
 def test_html_lists_flagged_reports_first_most_severe_first(tmp_path):

@@ -122,6 +122,10 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, parts, llav
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert (out / "checkpoints" / "step_4").is_dir()
+    # Nothing in a checkpoint is unpickled on resume: safetensors and JSON only.
+    assert sorted(p.name for p in (out / "checkpoints" / "step_4").iterdir()) == [
+        "history.json", "model.safetensors", "optimizer.json", "optimizer.safetensors", "progress.json",
+        "rng_0.json", "rng_0.safetensors", "run.json"]
     # As if killed before step 6 was saved. The tiny run can finish the four steps left before the signal
     # lands (CI once saw `final`), so what it saved after step 4 goes too, whatever the kill cut short.
     for later in ("checkpoints/step_6", "checkpoints/step_8", "final"):

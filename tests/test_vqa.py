@@ -314,7 +314,7 @@ def count_generation(monkeypatch) -> list[int]:
 def test_run_panels_resumes_and_saves_results(capsys, tmp_path, panels, model_dir, count_generation):
     out = tmp_path / "out"
     args = ["run", "--model", model_dir, "--benchmark", "panels", "--questions", panels / "questions.jsonl",
-            "--out", out, "--max-new-tokens", "3", "--batch-size", "4"]
+            "--out", out, "--save-to-model", "--max-new-tokens", "3", "--batch-size", "4"]
     code, partial, _ = _cli(capsys, *args, "--limit", "5")
     assert code == 0 and partial["n"] == 5 and partial["settings"]["limit"] == 5
     code, result, _ = _cli(capsys, *args)
@@ -408,3 +408,191 @@ def test_run_input_errors(capsys, tmp_path, panels, model_dir):
 def test_suffix_is_not_doubled():
     assert vqa.with_suffix("Q?\n" + vqa.SHORT_ANSWER, vqa.SHORT_ANSWER) == "Q?\n" + vqa.SHORT_ANSWER
     assert vqa.with_suffix("Q?", vqa.PROMPT_SUFFIX["vizwiz"]) == "Q?\n" + vqa.PROMPT_SUFFIX["vizwiz"]
+
+
+# ---- TextVQA: LLaVA's prompt, OCR tokens included, from the official files ---------------------------
+
+# Three records of LLaVA's llava_textvqa_val_v051_ocr.jsonl as LLaVA ships it (the id is the image's).
+LLAVA_TEXTVQA = [
+    {"question_id": "003a8ae2ef43b901", "image": "003a8ae2ef43b901.jpg", "category": "default",
+     "text": "What is the brand of this camera?\nReference OCR token: DAKOTA, DIGITAL, Single-Use, Camera, Pire, "
+             "digitat\nAnswer the question using a single word or phrase."},
+    {"question_id": "b9dc400eb20bad64", "image": "b9dc400eb20bad64.jpg", "category": "default",
+     "text": "What does the small white text spell?\nReference OCR token: D, RUPALCON, PALCON, COPENHAGEN\n"
+             "Answer the question using a single word or phrase."},
+    {"question_id": "0a0b0c0d0e0f0a0b", "image": "0a0b0c0d0e0f0a0b.jpg", "category": "default",
+     "text": "What colour is the sky?\nAnswer the question using a single word or phrase."},  # no OCR tokens
+    {"question_id": "003a8ae2ef43b901", "image": "003a8ae2ef43b901.jpg", "category": "default",
+     "text": "What kind of camera is this?\nReference OCR token: DAKOTA, DIGITAL, Single-Use, Camera, Pire, "
+             "digitat\nAnswer the question using a single word or phrase."},  # the same image, so the same id
+]
+
+
+@pytest.fixture
+def textvqa_files(tmp_path, panels):
+    """TextVQA_0.5.1_val.json and TextVQA_Rosetta_OCR_v0.2_val.json shaped like the official files."""
+    def question(qid, image_id, text):
+        return {"question": text, "image_id": image_id, "image_classes": ["Camera"], "flickr_original_url": "",
+                "flickr_300k_url": "", "image_width": 1024, "image_height": 664, "answers": ["dakota"] * 10,
+                "question_tokens": text.rstrip("?").split(), "question_id": qid, "set_name": "val"}
+
+    def ocr(image_id, tokens):
+        return {"image_id": image_id, "ocr_tokens": tokens, "ocr_info": [
+            {"word": t, "bounding_box": {"top_left_x": 0.1, "top_left_y": 0.2, "width": 0.1, "height": 0.05,
+                                         "rotation": 0, "roll": 0, "pitch": 0, "yaw": 0}} for t in tokens]}
+
+    questions = _write(tmp_path / "TextVQA_0.5.1_val.json", {
+        "dataset_type": "val", "dataset_name": "textvqa", "dataset_version": 0.5, "data": [
+            question(34602, "003a8ae2ef43b901", "what is the brand of this camera?"),
+            question(34603, "b9dc400eb20bad64", "what does the small white text spell?"),
+            question(34604, "0a0b0c0d0e0f0a0b", "what colour is the sky?"),
+            question(34605, "003a8ae2ef43b901", "what kind of camera is this?")]})
+    tokens = _write(tmp_path / "TextVQA_Rosetta_OCR_v0.2_val.json", {
+        "dataset_type": "val", "dataset_name": "textvqa", "dataset_version": 0.2, "data": [
+            ocr("003a8ae2ef43b901", ["DAKOTA", "DIGITAL", "Single-Use", "Camera", "Pire", "digitat"]),
+            ocr("b9dc400eb20bad64", ["D", "RUPALCON", "PALCON", "COPENHAGEN"]), ocr("0a0b0c0d0e0f0a0b", [])]})
+    llava = _write_jsonl(tmp_path / "llava_textvqa_val_v051_ocr.jsonl", LLAVA_TEXTVQA)
+    for record in LLAVA_TEXTVQA:
+        shutil.copy(panels / "images" / "panel_0_00000.png", tmp_path / record["image"])
+    return questions, tokens, llava
+
+
+def test_textvqa_official_files_give_llavas_prompt_text(textvqa_files):
+    questions, tokens, llava = textvqa_files
+    official, _ = vqa.load_benchmark("textvqa", [questions])
+    vqa.add_ocr(official, tokens)
+    assert [vqa.with_suffix(q.text, vqa.SHORT_ANSWER) for q in official] == [r["text"] for r in LLAVA_TEXTVQA]
+    theirs, _ = vqa.load_benchmark("textvqa", [llava])  # LLaVA's own file is asked exactly as it is
+    vqa.add_ocr(theirs, None)
+    assert [vqa.with_suffix(q.text, vqa.SHORT_ANSWER) for q in theirs] == [r["text"] for r in LLAVA_TEXTVQA]
+    # lmms-eval's copy of the questions carries the tokens in each record: the same text without --ocr.
+    data, table = json.loads(questions.read_text()), vqa.read_ocr(tokens)
+    for record in data["data"]:
+        record["ocr_tokens"] = table[record["image_id"]]
+    inline, _ = vqa.load_benchmark("textvqa", [_write(questions.parent / "inline.json", data)])
+    vqa.add_ocr(inline, None)
+    assert [q.text for q in inline] == [q.text for q in official]
+
+
+def test_run_textvqa_asks_with_ocr_tokens_and_refuses_other_prompts(capsys, tmp_path, model_dir, textvqa_files,
+                                                                     count_generation):
+    questions, tokens, _ = textvqa_files
+    base = ["run", "--model", model_dir, "--benchmark", "textvqa", "--questions", questions,
+            "--out", tmp_path / "out", "--max-new-tokens", "1"]
+    assert "pass --ocr TextVQA_Rosetta_OCR_v0.2_val.json" in _error(capsys, *base)
+    code, result, _ = _cli(capsys, *base, "--ocr", tokens)
+    assert code == 0 and result["n"] == 4 and result["settings"]["ocr"] == str(tokens)
+    answers = [json.loads(line) for line in (tmp_path / "out" / "answers.jsonl").read_text().splitlines()]
+    assert sorted(a["prompt"] for a in answers) == sorted(r["text"] for r in LLAVA_TEXTVQA)
+    # Answers asked with the OCR tokens are not reused for prompts without them.
+    assert "was asked another prompt" in _error(capsys, *base, "--no-ocr")
+    assert count_generation == [4]
+    few = _write(tmp_path / "few_ocr.json", {"data": json.loads(tokens.read_text())["data"][:1]})
+    assert "2 images of the questions have no record in" in _error(capsys, *base, "--ocr", few)
+    assert "not a TextVQA OCR file" in _error(capsys, *base, "--ocr", questions.parent / "llava_textvqa_val_v051_ocr.jsonl")
+
+
+def test_llavas_textvqa_file_runs_and_scores_against_the_official_file(capsys, tmp_path, model_dir,
+                                                                       textvqa_files, count_generation):
+    questions, _, llava = textvqa_files
+    args = ["run", "--model", model_dir, "--benchmark", "textvqa", "--questions", llava, "--annotations", questions,
+            "--out", tmp_path / "out", "--max-new-tokens", "1"]
+    code, result, _ = _cli(capsys, *args)
+    assert code == 0 and result["n"] == 4 and result["missing"]["count"] == 0
+    assert _cli(capsys, *args)[1] == result and count_generation == [4]  # resumed: ids repeat, prompts differ
+    # LLaVA's own answers file names each answer by its image id and carries its prompt, as LLaVA pairs them.
+    answers = _write_jsonl(tmp_path / "llava-answers.jsonl", [
+        {"question_id": r["question_id"], "prompt": r["text"], "text": "Dakota" if i == 0 else "pire"}
+        for i, r in enumerate(LLAVA_TEXTVQA)])
+    scored = _score(capsys, "textvqa", answers, [llava], [questions])
+    assert scored["n"] == 4 and scored["value"] == 25.0 and scored["missing"]["count"] == 0
+
+
+# ---- what a run writes, and where ---------------------------------------------------------------------
+
+
+def test_run_writes_under_out_only_unless_asked(capsys, tmp_path, panels, model_dir):
+    results = model_dir / "results" / "panels.json"
+    results.unlink(missing_ok=True)
+    args = ["run", "--model", model_dir, "--benchmark", "panels", "--questions", panels / "questions.jsonl",
+            "--out", tmp_path / "out", "--max-new-tokens", "1", "--limit", "2"]
+    code, result, _ = _cli(capsys, *args)
+    assert code == 0 and not results.exists()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["answers.jsonl", "metrics.json"]
+    code, again, _ = _cli(capsys, *args, "--save-to-model")
+    assert code == 0 and json.loads(results.read_text()) == again == result
+    assert "needs a local model folder" in _error(capsys, *args[:2], "some-org/some-model", *args[3:],
+                                                  "--save-to-model")
+
+
+def _broken_copies(model_dir: Path, root: Path) -> dict[str, Path]:
+    """A saved model with its projector cut in half, and one whose LM weights file is empty."""
+    cut, empty = root / "cut", root / "empty"
+    for copy in (cut, empty):
+        shutil.copytree(model_dir, copy, ignore=shutil.ignore_patterns("results"))
+    projector = cut / "projector.safetensors"
+    projector.write_bytes(projector.read_bytes()[: projector.stat().st_size // 2])
+    (empty / "language_model" / "model.safetensors").write_bytes(b"")
+    return {"projector.safetensors": cut, "model.safetensors": empty}
+
+
+def test_run_with_corrupt_weights_names_the_file(capsys, tmp_path, panels, model_dir):
+    for name, broken in _broken_copies(model_dir, tmp_path).items():
+        line = _error(capsys, "run", "--model", broken, "--benchmark", "panels", "--questions",
+                      panels / "questions.jsonl", "--out", tmp_path / f"out-{name}", "--limit", "1")
+        assert "cannot load model" in line and name in line, line
+
+
+def test_bad_paths_and_encodings_get_one_line(capsys, tmp_path, panels, model_dir, textvqa_files):
+    questions = panels / "questions.jsonl"
+    latin = tmp_path / "latin1.jsonl"
+    latin.write_bytes('{"question_id": 1, "image": "a.jpg", "text": "caf\u00e9?"}\n'.encode("latin-1"))
+    a_file = tmp_path / "a_file.txt"
+    a_file.write_text("x")
+    base = ["run", "--model", model_dir, "--benchmark", "panels"]
+    cases = {
+        f"{panels} is a folder, not a file": [*base, "--questions", panels, "--out", tmp_path / "o"],
+        f"{latin} is not UTF-8 text": [*base, "--questions", latin, "--out", tmp_path / "o"],
+        f"--images {a_file} is a file, not a folder": [*base, "--questions", questions, "--images", a_file,
+                                                        "--out", tmp_path / "o"],
+        f"--out {a_file} is a file, not a folder": [*base, "--questions", questions, "--out", a_file],
+        f"--model {a_file} is a file, not a model folder": ["run", "--model", a_file, "--benchmark", "panels",
+                                                             "--questions", questions, "--out", tmp_path / "o"],
+        f"{tmp_path} is a folder, not a file": ["run", "--model", model_dir, "--benchmark", "textvqa",
+                                                "--questions", textvqa_files[0], "--ocr", tmp_path,
+                                                "--out", tmp_path / "o"],
+        f"{latin} is not UTF-8": _score_args("panels", latin, [questions]),
+    }
+    for expected, argv in cases.items():
+        assert expected in _error(capsys, *argv)
+    assert not (tmp_path / "o").exists()
+
+
+# ---- one BOS ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vicuna_model(tmp_path_factory, parts):
+    """A tiny model with a Vicuna-style tokenizer (adds BOS itself) and LLaVA-1.5's vicuna_v1 template."""
+    from vlm import ModelConfig, build_vlm
+    from vlm.testing import tiny_lm
+
+    lm = tiny_lm(tmp_path_factory.mktemp("vicuna"), "llama", tokenizer="sentencepiece")
+    return build_vlm(ModelConfig(vision_tower=str(parts["clip"]), language_model=str(lm), chat_template="vicuna_v1"))
+
+
+def test_vicuna_prompts_carry_one_bos(vicuna_model, panels, monkeypatch):
+    model, processor = vicuna_model
+    prompts, real = [], model.generate_shared
+
+    def capture(**inputs):
+        prompts.append((inputs["input_ids"], inputs["attention_mask"]))
+        return real(**inputs)
+
+    monkeypatch.setattr(model, "generate_shared", capture)
+    questions, _ = vqa.load_benchmark("panels", [panels / "questions.jsonl"])
+    vqa.generate_answers(model, processor, questions[:3], panels, vqa.SHORT_ANSWER, 3, 1, lambda *a: None)
+    ids, mask = prompts[0]
+    bos = processor.tokenizer.bos_token_id
+    assert ids.shape[0] == 3 and bos is not None
+    assert [int(((row == bos) & (keep == 1)).sum()) for row, keep in zip(ids, mask, strict=True)] == [1, 1, 1]

@@ -4,8 +4,8 @@
 """
 
 from vlm.config import Config, ModelConfig, load_config
-from vlm.model import VLM, CallbackStreamer, build_vlm, load_pretrained
+from vlm.model import VLM, CallbackStreamer, ModelFolderError, build_vlm, load_pretrained
 from vlm.processor import VLMProcessor
 
-__all__ = ["VLM", "CallbackStreamer", "Config", "ModelConfig", "VLMProcessor", "build_vlm", "load_config",
-           "load_pretrained"]
+__all__ = ["VLM", "CallbackStreamer", "Config", "ModelConfig", "ModelFolderError", "VLMProcessor", "build_vlm",
+           "load_config", "load_pretrained"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +16,7 @@ import yaml
 PROJECTORS = ("linear", "mlp2x_gelu", "merge2x2_mlp", "query_pool_mlp")
 FEATURE_SELECTS = ("patch", "cls_patch")
 IMAGE_ASPECTS = ("pad", "resize", "crop")
+MIXED_PRECISIONS = ("no", "bf16", "fp16")
 
 
 @dataclass
@@ -34,6 +37,7 @@ class ModelConfig:
     # Filled in when a model is built; recorded so a saved folder describes itself.
     image_token_id: int | None = None
     tokens_per_image: int | None = None
+    adapter: bool = False  # a saved stage-2 result: its LoRA adapter (adapter/) belongs to it
 
     def __post_init__(self) -> None:
         _check_choice("projector", self.projector, PROJECTORS)
@@ -100,6 +104,19 @@ class TrainConfig:
     full_finetune: bool = False  # stage instruct: train all LM weights instead of LoRA
     load_in_4bit: bool = False  # QLoRA through bitsandbytes
 
+    def __post_init__(self) -> None:
+        _check_choice("train.mixed_precision", self.mixed_precision, MIXED_PRECISIONS)
+        for name in ("batch_size", "grad_accum", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name}={getattr(self, name)} must be at least 1")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"train.max_steps={self.max_steps} must be at least 1 (or unset: train.epochs counts)")
+        if self.epochs <= 0 or self.save_every < 0:
+            raise ValueError(f"train.epochs={self.epochs} must be above 0 and train.save_every={self.save_every} "
+                             f"0 or more")
+        if self.full_finetune and self.load_in_4bit:
+            raise ValueError("train.full_finetune=true cannot train a 4-bit LM (train.load_in_4bit=true): drop one")
+
 
 @dataclass
 class Config:
@@ -111,11 +128,14 @@ class Config:
     stage: str = "align"  # align: projector only | instruct: LoRA (or full) LM + projector
     init_from: str | None = None  # a saved model folder to start from (stage 2 starts from stage 1)
     resume: bool | str = False  # true: the latest checkpoint in output_dir; or a checkpoint path
+    overwrite: bool = False  # start afresh in an output_dir that holds another run's checkpoints (deletes them)
     output_dir: str = "runs/default"
     seed: int = 0
 
     def __post_init__(self) -> None:
         _check_choice("stage", self.stage, ("align", "instruct"))
+        if self.overwrite and self.resume:
+            raise ValueError(f"overwrite=true and resume={self.resume} contradict each other: pick one")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -124,31 +144,84 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 def from_dict(cls: type, values: dict[str, Any], where: str = "") -> Any:
-    """Build a (nested) dataclass from a dict, refusing unknown keys so typos don't pass silently."""
+    """Build a (nested) dataclass from a dict, refusing unknown keys and values of the wrong type by name."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{where.rstrip('.') or 'the config'} must be a mapping of key: value, not {values!r}")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = set(values) - known
     if unknown:
         raise ValueError(f"unknown config key(s) {', '.join(where + k for k in sorted(unknown))}; "
                          f"known: {', '.join(sorted(known))}")
-    kwargs = {}
-    for key, value in values.items():
-        hint = hints[key]
-        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
-            value = from_dict(hint, value, f"{where}{key}.")
-        kwargs[key] = _coerce(value, hint, where + key)
-    return cls(**kwargs)
+    return cls(**{key: _coerce(value, hints[key], where + key) for key, value in values.items()})
+
+
+_BOOLS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
 
 
 def _coerce(value: Any, hint: Any, name: str) -> Any:
-    """YAML reads ``1e-4`` as a string and ``3`` as an int where a float is wanted: fix those cases."""
-    wants_float = hint is float or float in typing.get_args(hint)
-    if wants_float and isinstance(value, (int, str)) and not isinstance(value, bool):
-        try:
-            return float(value)
-        except ValueError:
-            raise ValueError(f"{name}={value!r} is not a number") from None
+    """``value`` as the type hint says, or a ValueError naming the key; a numeric string becomes a number."""
+    if dataclasses.is_dataclass(hint):
+        return value if isinstance(value, hint) else from_dict(hint, value, name + ".")
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in (o for o in options if o is not type(None)):  # in the order written: bool | str tries bool first
+            try:
+                return _coerce(value, option, name)
+            except ValueError as error:
+                errors.append(error)
+        raise errors[0]
+    if typing.get_origin(hint) is list:
+        if not isinstance(value, list):
+            raise ValueError(f"{name}={value!r} is not a list (write [a, b])")
+        return [_coerce(item, typing.get_args(hint)[0], name) for item in value]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _BOOLS:
+            return _BOOLS[value.strip().lower()]
+        raise ValueError(f"{name}={value!r} is not true or false")
+    if hint is int:
+        if isinstance(value, str) and re.fullmatch(r"\s*[-+]?\d+\s*", value):
+            return int(value)
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ValueError(f"{name}={value!r} is not an integer")
+    if hint is float:
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ValueError(f"{name}={value!r} is not a number")
+    if hint is str:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return str(value)  # a folder named 2024
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"{name}={value!r} is not text")
     return value
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """YAML 1.2 booleans: only true/false. YAML 1.1 also reads no/yes/on/off, so ``mixed_precision: no``
+    arrived as False; a bool field still takes those words (see ``_coerce``)."""
+
+
+_YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_YamlLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                  list("tTfF"))
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 (a SafeLoader)
 
 
 def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -159,9 +232,11 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
         dotted, raw = item.split("=", 1)
         *parents, leaf = dotted.strip().split(".")
         node = values
-        for part in parents:
+        for depth, part in enumerate(parents):
             node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(raw) if raw != "" else None
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {'.'.join(parents[:depth + 1])} is {node!r}, not a section")
+        node[leaf] = _yaml(raw) if raw != "" else None
     return values
 
 
@@ -169,10 +244,16 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, cls
     """Read a YAML config (or start from defaults when ``path`` is None) and apply overrides."""
     values: dict[str, Any] = {}
     if path is not None:
+        if Path(path).is_dir():
+            raise ValueError(f"config file {path} is a folder, not a YAML file")
         try:
-            values = yaml.safe_load(Path(path).read_text()) or {}
+            values = _yaml(Path(path).read_text(encoding="utf-8")) or {}
         except FileNotFoundError:
             raise ValueError(f"config file {path} does not exist") from None
+        except UnicodeDecodeError as error:
+            raise ValueError(f"config file {path} is not UTF-8 text (byte {error.start})") from None
         except yaml.YAMLError as error:
             raise ValueError(f"config file {path} is not valid YAML: {error}") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"config file {path} must be a mapping of key: value, not {type(values).__name__}")
     return from_dict(cls, apply_overrides(values, overrides or []))

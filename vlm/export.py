@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model, processor = load_pretrained(args.src)
         out = export_llava(model, processor, args.out)
-    except (ExportError, FileNotFoundError, ValueError) as error:
+    except (ExportError, OSError, ValueError) as error:  # ModelFolderError is a ValueError
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"wrote Hugging Face Llava folder {out}")

@@ -19,7 +19,7 @@ from transformers import (
 )
 
 from vlm.config import ModelConfig
-from vlm.model import VLM, _torch_dtype
+from vlm.model import VLM, _torch_dtype, check_weight_files, load_complete
 from vlm.processor import VLMProcessor
 from vlm.projector import MLPProjector
 from vlm.vision import VisionTower
@@ -37,6 +37,13 @@ def _llava_strategy(tower: VisionTower) -> str:
         return "full"
     raise ExportError(f"cannot export because the tower has {tower.prefix_tokens} prefix tokens to drop and Llava "
                       "can drop only one")
+
+
+def _aspect_of(image_processor) -> str:
+    """The image_aspect whose rule is exactly what this Llava image processor does to a non-square picture."""
+    if getattr(image_processor, "do_pad", False):
+        return "pad"  # pad to a square with int(mean * 255), as VLMProcessor does, then its own resize and crop
+    return "crop" if getattr(image_processor, "do_center_crop", False) else "resize"
 
 
 def export_llava(model: VLM, processor: VLMProcessor, out_dir: str | Path) -> Path:
@@ -70,12 +77,12 @@ def export_llava(model: VLM, processor: VLMProcessor, out_dir: str | Path) -> Pa
     out = Path(out_dir)
     llava.save_pretrained(out)
 
+    # The same pixels: Llava's processor pads with the same int(mean * 255) colour, then resizes and crops
+    # by the rule this model's processor uses for its aspect.
     source = processor.image_processor
     image_processor = LlavaImageProcessorPil(
-        do_pad=config.image_aspect == "pad", do_center_crop=True, image_mean=list(source.image_mean),
-        image_std=list(source.image_std), size={"shortest_edge": tower.native_image_size},
-        crop_size={"height": tower.native_image_size, "width": tower.native_image_size},
-        resample=source.resample, rescale_factor=source.rescale_factor)
+        do_pad=config.image_aspect == "pad", image_mean=list(source.image_mean), image_std=list(source.image_std),
+        resample=source.resample, rescale_factor=source.rescale_factor, **processor.pixel_rule(config.image_aspect))
     LlavaProcessor(image_processor=image_processor, tokenizer=processor.tokenizer, patch_size=tower.patch_size,
                    vision_feature_select_strategy=strategy, image_token=config.image_token,
                    num_additional_image_tokens=tower.prefix_tokens,
@@ -85,8 +92,13 @@ def export_llava(model: VLM, processor: VLMProcessor, out_dir: str | Path) -> Pa
 
 def import_llava(path: str | Path, device: str | torch.device | None = None,
                  dtype: str | None = None) -> tuple[VLM, VLMProcessor]:
-    """Read a Hugging Face Llava folder into a project VLM that shares its weights."""
-    llava = LlavaForConditionalGeneration.from_pretrained(path, dtype=_torch_dtype(dtype) if dtype else "auto")
+    """Read a Hugging Face Llava folder into a project VLM that shares its weights and sees the same pixels.
+
+    Every weight must come from the folder: a missing, mis-shaped or truncated one raises ModelFolderError.
+    """
+    check_weight_files(path)
+    llava = load_complete(LlavaForConditionalGeneration.from_pretrained, path,
+                          dtype=_torch_dtype(dtype) if dtype else "auto", ignore_mismatched_sizes=True)
     llava_config = llava.config
     if not isinstance(llava_config.vision_feature_layer, int):
         raise ValueError("cannot import a Llava model that concatenates several vision layers")
@@ -105,6 +117,9 @@ def import_llava(path: str | Path, device: str | torch.device | None = None,
     setattr(llm, llm.base_model_prefix, llava.model.language_model)
     llm.set_output_embeddings(llava.lm_head)
     llm.generation_config = llava.generation_config
+    # As build_vlm does: a placeholder is never a token to generate (so a saved and reloaded import behaves the same).
+    llm.generation_config.suppress_tokens = sorted(set(llm.generation_config.suppress_tokens or [])
+                                                   | {llava_config.image_token_id})
     llm.requires_grad_(False)
 
     hf_processor = AutoProcessor.from_pretrained(path, backend="pil")
@@ -112,7 +127,7 @@ def import_llava(path: str | Path, device: str | torch.device | None = None,
     config = ModelConfig(
         vision_tower=str(path), language_model=str(path), projector="mlp2x_gelu",
         vision_feature_layer=llava_config.vision_feature_layer, vision_feature_select=tower.select,
-        image_size=None, image_aspect="pad" if getattr(hf_processor.image_processor, "do_pad", False) else "crop",
+        image_size=None, image_aspect=_aspect_of(hf_processor.image_processor),
         image_token=hf_processor.image_token, dtype=str(projector.linear_1.weight.dtype).removeprefix("torch."),
         image_token_id=llava_config.image_token_id,
         tokens_per_image=tower.tokens_per_image(image_size),

@@ -1,4 +1,4 @@
-"""Turning an image file into the RGB square picture the image processor expects."""
+"""Turning an image file into the RGB picture the image processor expects."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ class ImageError(ValueError):
 def load_image(path: str | Path) -> Image.Image:
     """Open an image as 8-bit RGB with its EXIF orientation applied."""
     path = Path(path)
+    if path.is_dir():
+        raise ImageError(f"image {path} is a folder, not an image file")
     if not path.is_file():
         raise ImageError(f"image {path} does not exist")
     try:
@@ -50,24 +52,12 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def to_square(image: Image.Image, aspect: str, fill: tuple[int, int, int]) -> Image.Image:
-    """Make an image square before the image processor resizes it.
-
-    ``pad`` (LLaVA-1.5's default) keeps everything, so a defect at the edge is never cut away;
-    ``crop`` keeps the centre; ``resize`` stretches.
-    """
+def expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
+    """LLaVA's ``expand2square``: the image centred on a square of colour ``fill``, nothing cut away."""
     width, height = image.size
     if width == height:
         return image
     side = max(width, height)
-    if aspect == "pad":
-        square = Image.new("RGB", (side, side), fill)
-        square.paste(image, ((side - width) // 2, (side - height) // 2))
-        return square
-    if aspect == "crop":
-        side = min(width, height)
-        left, top = (width - side) // 2, (height - side) // 2
-        return image.crop((left, top, left + side, top + side))
-    if aspect == "resize":
-        return image.resize((side, side), Image.Resampling.BICUBIC)
-    raise ValueError(f"image_aspect={aspect!r} is not one of pad, resize, crop")
+    square = Image.new("RGB", (side, side), fill)
+    square.paste(image, ((side - width) // 2, (side - height) // 2))
+    return square

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel, TextStreamer
@@ -25,6 +27,11 @@ except ImportError:
 
 PROJECTOR_FILE = "projector.safetensors"
 ADAPTER_DIR = "adapter"
+COMPONENT_DIRS = ("vision_tower", "language_model")  # what save_pretrained(full=True) writes beside config.json
+
+
+class ModelFolderError(ValueError):
+    """A model folder that cannot be loaded as it is (a file missing, truncated or short of tensors); one line."""
 
 
 class VLM(nn.Module):
@@ -161,15 +168,18 @@ class VLM(nn.Module):
         return {"vision_tower": self.vision_tower, "projector": self.projector, "language_model": self.language_model}
 
     # ---- save ----------------------------------------------------------------------------------
-    def save_pretrained(self, out_dir: str | Path, processor: VLMProcessor, full: bool = True) -> None:
+    def save_pretrained(self, out_dir: str | Path, processor: VLMProcessor, full: bool = True,
+                        adapter: bool = False) -> None:
         """One folder that describes itself: ``config.json``, the projector, and (``full``) the tower and LM.
 
         With ``full=False`` (a stage-1 result) the config keeps pointing at the tower and LM it was
-        built from, and only the projector is written.
+        built from, and only the projector is written. ``adapter=True`` records that the folder needs its
+        LoRA adapter in ``<out_dir>/adapter`` (the caller writes it there); loading refuses without one.
         """
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         config = ModelConfig(**vars(self.config))
+        config.adapter = adapter
         if full:
             self.vision_tower.encoder.save_pretrained(out / "vision_tower")
             processor.image_processor.save_pretrained(out / "vision_tower")
@@ -243,20 +253,136 @@ def _make_room_for(language_model: PreTrainedModel, vocab_size: int) -> None:
             weight[old_size:] = weight[:old_size].mean(0)
 
 
+def check_weight_files(folder: str | Path) -> None:
+    """Every safetensors file in ``folder`` (and below) opens: a truncated or empty one is named in one line."""
+    for file in sorted(Path(folder).rglob("*.safetensors")):
+        try:
+            with safe_open(str(file), "pt"):
+                pass
+        except (SafetensorError, OSError) as error:
+            raise ModelFolderError(f"{file} is not a complete safetensors file ({error})") from None
+
+
+def weights_name(folder: str | Path) -> str:
+    """The file a message about a checkpoint's tensors should name."""
+    for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"):
+        if (Path(folder) / name).is_file():
+            return str(Path(folder) / name)
+    return str(folder)
+
+
+def load_complete(load: Callable, folder: str | Path, **kwargs):
+    """``load(folder, **kwargs)`` (a ``from_pretrained``) that refuses weights the checkpoint lacks or mis-shapes.
+
+    transformers would initialise those at random and log a table of them; this raises one line instead.
+    """
+    report = logging.getLogger("transformers.modeling_utils")
+    level = report.level
+    report.setLevel(logging.ERROR)
+    try:
+        model, info = load(folder, output_loading_info=True, **kwargs)
+    finally:
+        report.setLevel(level)
+    require_all_weights(info, folder)
+    return model
+
+
+def require_all_weights(info: dict, folder: str | Path) -> None:
+    """transformers fills tensors a checkpoint lacks (or holds mis-shaped) with random values: refuse instead."""
+    missing = sorted(info["missing_keys"])
+    mismatched = sorted(f"{key} ({tuple(saved)} in the file, {tuple(wanted)} in the config)"
+                        for key, saved, wanted in info["mismatched_keys"])
+    problems = [f"{label} {_some(names)}" for label, names in (("lacks", missing), ("mis-shaped", mismatched)) if names]
+    if problems:
+        raise ModelFolderError(f"{weights_name(folder)}: {'; '.join(problems)}")
+
+
+def _some(names: list[str], shown: int = 4) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def _component(root: Path | None, reference: str, what: str) -> str:
+    """Where a tower or LM lives; a folder the config declares (inside ``root``, or a local path) must exist."""
+    resolved = _resolve(root, reference)
+    if resolved == reference and not Path(reference).exists():
+        if root is not None and reference in COMPONENT_DIRS:
+            raise ModelFolderError(f"{root / 'config.json'} declares its {what} in {root / reference}, which is "
+                                   "missing")
+        if Path(reference).is_absolute() or reference.startswith((".", "~")):
+            raise ModelFolderError(f"the {what} folder {reference} does not exist")
+    if Path(resolved).is_dir():
+        check_weight_files(resolved)
+    return resolved
+
+
+def _load_projector(projector: nn.Module, file: Path) -> None:
+    """The saved projector, every tensor present and of the right shape, or one line naming the file."""
+    saved = load_file(file)
+    wanted = projector.state_dict()
+    missing = sorted(set(wanted) - set(saved))
+    mismatched = sorted(f"{k} ({tuple(saved[k].shape)} in the file, {tuple(wanted[k].shape)} in the config)"
+                        for k in set(wanted) & set(saved) if saved[k].shape != wanted[k].shape)
+    unexpected = sorted(set(saved) - set(wanted))
+    if missing or mismatched or unexpected:
+        problems = [f"{label} {_some(names)}" for label, names in
+                    (("lacks", missing), ("mis-shaped", mismatched), ("has unknown", unexpected)) if names]
+        raise ModelFolderError(f"{file}: {'; '.join(problems)} (projector {type(projector).__name__})")
+    projector.load_state_dict(saved)
+
+
+class _OriginalLM:
+    """An original LLaVA folder named as a language model: its LM is read from LLaVA's shards."""
+
+    def __init__(self, path: str) -> None:
+        from vlm.llava_original import language_model_config
+
+        self.path = path
+        self.config = language_model_config(json.loads((Path(path) / "config.json").read_text()), Path(path))
+
+    def load(self, dtype: torch.dtype, load_in_4bit: bool) -> PreTrainedModel:
+        from vlm.llava_original import original_language_model
+
+        return original_language_model(self.path, dtype, load_in_4bit)
+
+
+def _original_llava_folder(path: str) -> _OriginalLM | None:
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        return None
+    from vlm.llava_original import is_original_llava
+
+    try:
+        values = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ModelFolderError(f"{config_file} is not valid JSON: {error}") from None
+    return _OriginalLM(path) if isinstance(values, dict) and is_original_llava(values) else None
+
+
 def build_vlm(config: ModelConfig, root: str | Path | None = None, load_in_4bit: bool = False,
               device: str | torch.device | None = None) -> tuple[VLM, VLMProcessor]:
     """Assemble a VLM from its config: load tower and LM, add ``<image>``, and load the projector if saved.
 
-    ``root`` is the folder the config came from (components and ``projector.safetensors`` are looked up
-    there); without one, the projector starts from random initialisation.
+    ``root`` is the folder the config came from: components, ``projector.safetensors`` and (when the config
+    declares one) the LoRA ``adapter/`` must be there, every weight file complete, or this raises
+    :class:`ModelFolderError`. Without a root, the projector starts from random initialisation.
     """
     root = Path(root) if root is not None else None
+    if root is not None:  # refuse an incomplete folder before loading anything big
+        check_weight_files(root)
+        if not (root / PROJECTOR_FILE).is_file():
+            raise ModelFolderError(f"{root / PROJECTOR_FILE} is missing: the model folder has no projector weights")
+        if config.adapter and not (root / ADAPTER_DIR / "adapter_config.json").is_file():
+            raise ModelFolderError(f"{root / 'config.json'} declares a LoRA adapter but {root / ADAPTER_DIR} holds "
+                                   "none (adapter_config.json): the stage-2 result is incomplete")
     dtype = _torch_dtype(config.dtype)
-    tower_path, llm_path = _resolve(root, config.vision_tower), _resolve(root, config.language_model)
+    tower_path = _component(root, config.vision_tower, "vision tower")
+    llm_path = _component(root, config.language_model, "language model")
 
-    tower = VisionTower(load_vision_encoder(tower_path, dtype=dtype), config.vision_feature_layer,
+    tower = VisionTower(load_complete(load_vision_encoder, tower_path, dtype=dtype), config.vision_feature_layer,
                         config.vision_feature_select)
-    tokenizer = load_tokenizer(llm_path, config.image_token)
+    original = _original_llava_folder(llm_path)  # a stage-2 result trained from an original LLaVA folder
+    tokenizer = load_tokenizer(llm_path, config.image_token, **({"config": original.config} if original else {}))
     if config.chat_template:  # e.g. vicuna_v1: Vicuna's tokenizer carries no template of its own
         from vlm.data.templates import resolve_chat_template
 
@@ -267,9 +393,15 @@ def build_vlm(config: ModelConfig, root: str | Path | None = None, load_in_4bit:
         # lm_head stays in full precision as QLoRA does.
         quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                           bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=["lm_head"])
-    language_model = AutoModelForCausalLM.from_pretrained(llm_path, dtype=dtype, quantization_config=quantization)
-    _make_room_for(language_model, len(tokenizer))
+    if original:
+        language_model = original.load(dtype, load_in_4bit)
+    else:
+        language_model = load_complete(AutoModelForCausalLM.from_pretrained, llm_path, dtype=dtype,
+                                       quantization_config=quantization, ignore_mismatched_sizes=True)
     image_token_id = tokenizer.convert_tokens_to_ids(config.image_token)
+    # Grow only as far as <image> needs: a tokenizer may list more tokens than the LM has rows, and a
+    # saved model must load back with its vocabulary unchanged.
+    _make_room_for(language_model, image_token_id + 1)
     if config.image_token_id is not None and config.image_token_id != image_token_id:
         raise ValueError(f"{config.image_token} has id {image_token_id} in tokenizer {llm_path} but the config "
                          f"was saved with id {config.image_token_id}")
@@ -284,8 +416,8 @@ def build_vlm(config: ModelConfig, root: str | Path | None = None, load_in_4bit:
                                                config.projector_queries)
     projector = build_projector(config.projector, tower.hidden_size, language_model.config.hidden_size,
                                 config.projector_queries).to(dtype)
-    if root is not None and (root / PROJECTOR_FILE).exists():
-        projector.load_state_dict(load_file(root / PROJECTOR_FILE))
+    if root is not None:
+        _load_projector(projector, root / PROJECTOR_FILE)
 
     if root is not None and (root / ADAPTER_DIR / "adapter_config.json").is_file():
         from peft import PeftModel  # a stage-2 result: base LM + LoRA adapter, not merged yet
@@ -300,8 +432,11 @@ def build_vlm(config: ModelConfig, root: str | Path | None = None, load_in_4bit:
 
 
 def load_pretrained(name_or_path: str | Path, load_in_4bit: bool = False, device: str | torch.device | None = None,
-                    dtype: str | None = None) -> tuple[VLM, VLMProcessor]:
-    """Load a project folder, a hub id of one, or a Hugging Face Llava folder / hub id."""
+                    dtype: str | None = None, base: ModelConfig | None = None) -> tuple[VLM, VLMProcessor]:
+    """Load a project folder, a Hugging Face Llava folder or an original (haotian-liu) LLaVA folder, or hub ids.
+
+    ``base`` names the LM and tower a LLaVA stage-1 folder (``mm_projector.bin`` only) is put on.
+    """
     root = Path(name_or_path)
     if not root.is_dir():
         from huggingface_hub import snapshot_download
@@ -315,15 +450,23 @@ def load_pretrained(name_or_path: str | Path, load_in_4bit: bool = False, device
     if not config_file.is_file():
         raise FileNotFoundError(f"model folder {root} has no config.json")
     try:
-        model_type = json.loads(config_file.read_text()).get("model_type")
+        values = json.loads(config_file.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"{config_file} is not valid JSON: {error}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{config_file} is not a JSON object")
+    model_type = values.get("model_type")
+    from vlm.llava_original import is_original_llava, load_original_llava  # it imports this module
+
+    if is_original_llava(values):
+        return load_original_llava(root, values, load_in_4bit=load_in_4bit, device=device, dtype=dtype, base=base)
     if model_type == "llava":
         from vlm.hf_llava import import_llava
 
         return import_llava(root, device=device, dtype=dtype)
     if model_type != "vlm":
-        raise ValueError(f"{config_file} has model_type {model_type!r}; expected 'vlm' or 'llava'")
+        raise ValueError(f"{config_file} has model_type {model_type!r}; expected 'vlm', 'llava' or "
+                         "'llava_llama'")
     config = ModelConfig.from_json_file(config_file)
     if dtype is not None:
         config.dtype = dtype

@@ -1,4 +1,8 @@
-"""Tokenizer + image processor; each ``<image>`` in the text becomes exactly ``tokens_per_image`` slots."""
+"""Tokenizer + image processor; each ``<image>`` in the text becomes exactly ``tokens_per_image`` slots.
+
+Text is tokenized as LLaVA's ``tokenizer_image_token`` does (:func:`tokenize_with_images`), by training, this
+processor and the chat session alike.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,8 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature
 
-from vlm.images import load_image, to_square
+from vlm.config import IMAGE_ASPECTS
+from vlm.images import expand_to_square, load_image
 
 ImageInput = Image.Image | str | Path
 
@@ -18,8 +23,10 @@ class VLMProcessor:
     """Callable like a transformers processor: ``processor(images=..., text=..., return_tensors="pt")``."""
 
     def __init__(self, tokenizer, image_processor, tokens_per_image: int, image_token: str = "<image>",
-                 image_size: int | None = None, image_aspect: str = "pad") -> None:
+                 image_size: int | None = None, image_aspect: str = "pad", split_at_images: bool = True) -> None:
+        """``split_at_images=False`` tokenizes the whole expanded string, as Hugging Face's LlavaProcessor does."""
         self.tokenizer = tokenizer
+        self.split_at_images = split_at_images
         self.image_processor = image_processor
         self.tokens_per_image = tokens_per_image
         self.image_token = image_token
@@ -36,21 +43,45 @@ class VLMProcessor:
 
     @property
     def pad_fill(self) -> tuple[int, int, int]:
-        """LLaVA pads with the processor's mean colour, which normalises to zero."""
-        return tuple(int(round(255 * m)) for m in self.image_processor.image_mean)
+        """LLaVA's padding colour, ``int(mean * 255)`` (truncated, as LLaVA and HF Llava compute it)."""
+        mean = self.image_processor.image_mean
+        return tuple(int(m * 255) for m in (mean if isinstance(mean, (list, tuple)) else [mean] * 3))
 
-    def _resize_kwargs(self) -> dict:
-        if self.image_size is None:
-            return {}
-        square = {"height": self.image_size, "width": self.image_size}
-        if getattr(self.image_processor, "crop_size", None) is not None:  # CLIP: shortest edge, then crop
-            return {"size": {"shortest_edge": self.image_size}, "crop_size": square}
-        return {"size": square}
+    def pixel_rule(self, aspect: str | None = None) -> dict:
+        """The image processor settings (size, centre crop) that give ``aspect``; export writes these for Llava.
 
-    def preprocess_images(self, images: Sequence[ImageInput]) -> torch.Tensor:
-        pictures = [to_square(load_image(i) if isinstance(i, (str, Path)) else i.convert("RGB"),
-                              self.image_aspect, self.pad_fill) for i in images]
-        return self.image_processor(pictures, return_tensors="pt", **self._resize_kwargs())["pixel_values"]
+        ``crop``: resize the short side, then centre-crop (CLIP's and LLaVA's own rule; a processor that resizes
+        straight to a square, as SigLIP's does, gets this rule too, so crop never stretches). ``resize``: straight
+        to a square (stretches). ``pad``: LLaVA's expand2square first, then the processor's own rule.
+        """
+        aspect = aspect or self.image_aspect
+        if aspect not in IMAGE_ASPECTS:
+            raise ValueError(f"image_aspect={aspect!r} is not one of {', '.join(IMAGE_ASPECTS)}")
+        processor = self.image_processor
+        crop_size = _size_dict(getattr(processor, "crop_size", None))
+        crops = bool(getattr(processor, "do_center_crop", False)) and bool(crop_size)
+        size = _size_dict(processor.size)
+        own = {"size": size, "do_center_crop": crops, **({"crop_size": crop_size} if crops else {})}
+        side = self.image_size or (crop_size if crops else size).get("height") or size["shortest_edge"]
+        square = {"height": side, "width": side}
+        to_crop = {"size": {"shortest_edge": side}, "crop_size": square, "do_center_crop": True}
+        to_square = {"size": square, "do_center_crop": False}
+        if aspect == "crop":
+            return own if crops and not self.image_size else to_crop
+        if aspect == "resize":
+            return own if not crops and "height" in size and not self.image_size else to_square
+        return own if not self.image_size else (to_crop if crops else to_square)
+
+    def preprocess_images(self, images: Sequence[ImageInput], aspect: str | None = None) -> torch.Tensor:
+        """Pixel values ``[images, 3, side, side]``; ``aspect`` overrides ``image_aspect`` for this call."""
+        aspect = aspect or self.image_aspect
+        settings = self.pixel_rule(aspect)
+        pictures = [load_image(i) if isinstance(i, (str, Path)) else i.convert("RGB") for i in images]
+        if aspect == "pad":
+            pictures = [expand_to_square(picture, self.pad_fill) for picture in pictures]
+        if getattr(self.image_processor, "do_pad", False):  # Llava's processor pads itself: padding is ours to decide
+            settings["do_pad"] = False
+        return self.image_processor(pictures, return_tensors="pt", **settings)["pixel_values"]
 
     def expand_image_tokens(self, text: str) -> str:
         return text.replace(self.image_token, self.image_token * self.tokens_per_image)
@@ -63,12 +94,33 @@ class VLMProcessor:
         if placeholders != len(flat_images):
             raise ValueError(f"the text has {placeholders} {self.image_token} placeholder(s) but "
                              f"{len(flat_images)} image(s) were given")
-        encoded = self.tokenizer([self.expand_image_tokens(t) for t in texts], return_tensors=return_tensors,
-                                 padding=padding, **tokenizer_kwargs)
+        encoded = self._tokenize(texts, return_tensors, padding, **tokenizer_kwargs)
         data = dict(encoded)
         if flat_images:
             data["pixel_values"] = self.preprocess_images(flat_images)
         return BatchFeature(data, tensor_type=return_tensors)
+
+    def encode(self, text: str, add_special_tokens: bool | None = None) -> list[int]:
+        """The token ids of one text, each ``<image>`` as ``tokens_per_image`` slots (see :func:`tokenize_with_images`)."""
+        return self.encode_with_offsets(text, add_special_tokens, offsets=False)[0]
+
+    def encode_with_offsets(self, text: str, add_special_tokens: bool | None = None,
+                            offsets: bool = True) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids and each token's character span in ``text`` (an image's slots all span its placeholder)."""
+        tokenize = tokenize_with_images if self.split_at_images else _tokenize_whole
+        ids, spans = tokenize(self.tokenizer, text, self.image_token, add_special_tokens, offsets)
+        slotted_ids, slotted_spans = [], []
+        for k, token in enumerate(ids):
+            count = self.tokens_per_image if token == self.image_token_id else 1
+            slotted_ids += [token] * count
+            slotted_spans += [spans[k]] * count if offsets else []
+        return slotted_ids, slotted_spans
+
+    def _tokenize(self, texts: list[str], return_tensors: str, padding: bool | str, **kwargs):
+        """One row per text, padded; ``add_special_tokens`` as the tokenizer takes it, other keywords go to ``pad``."""
+        special = kwargs.pop("add_special_tokens", None)
+        rows = [{"input_ids": self.encode(text, special)} for text in texts]
+        return self.tokenizer.pad(rows, padding=padding, return_tensors=return_tensors, **kwargs)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False,
@@ -88,15 +140,72 @@ class VLMProcessor:
 def load_tokenizer(name_or_path: str, image_token: str = "<image>", **kwargs):
     """The LLM's tokenizer with the image placeholder added as one special token."""
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+    if hasattr(tokenizer, "legacy"):  # transformers 5 saves a Llama tokenizer without it; a reload would change ids
+        tokenizer.init_kwargs["legacy"] = tokenizer.legacy
     if image_token not in tokenizer.get_vocab():
         tokenizer.add_tokens([image_token], special_tokens=True)
     return tokenizer
+
+
+def tokenize_with_images(tokenizer, text: str, image_token: str = "<image>", add_special_tokens: bool | None = None,
+                         offsets: bool = False) -> tuple[list[int], list[tuple[int, int]]]:
+    """``text`` tokenized as LLaVA's ``tokenizer_image_token``: split at ``image_token`` only, each chunk in one
+    tokenizer call, the placeholder's id between chunks; returns ids and, with ``offsets``, character spans.
+
+    The first chunk gets the tokenizer's special tokens (``add_special_tokens=None``: unless the text starts
+    with BOS, which then is the one BOS, as the template wrote it), later chunks none. A sentencepiece Llama
+    starts each call with "▁" (legacy or not), so for it this differs from tokenizing the whole string; for
+    byte-level BPE tokenizers it is the same.
+    """
+    bos, ids, spans, start = tokenizer.bos_token, [], [], 0
+    if add_special_tokens is None:
+        add_special_tokens = not (bos and text.startswith(bos))
+        if not add_special_tokens:  # the template's BOS is the one BOS; LLaVA's prompt has none, its tokenizer adds it
+            ids, spans, start = [tokenizer.bos_token_id], [(0, len(bos))], len(bos)
+    image_id = tokenizer.convert_tokens_to_ids(image_token)
+    for number, chunk in enumerate(text[start:].split(image_token)):
+        if number:
+            ids.append(image_id)
+            spans.append((start, start + len(image_token)))
+            start += len(image_token)
+        # LLaVA's slow Llama tokenizer writes "▁▁" for a call starting with a space; transformers 5's drops one.
+        shift = int(chunk.startswith(" ") and _drops_leading_space(tokenizer))
+        encoded = tokenizer(" " * shift + chunk, add_special_tokens=add_special_tokens and not number,
+                            return_offsets_mapping=offsets)
+        ids += encoded["input_ids"]
+        if offsets:  # the added space's own "▁" keeps one character, as a dummy prefix does; a BOS keeps none
+            spans += [(start + max(a - shift, 0), start + max(b - shift, min(b, shift)))
+                      for a, b in encoded["offset_mapping"]]
+        start += len(chunk)
+    return ids, spans
+
+
+def _drops_leading_space(tokenizer) -> bool:
+    """Whether a leading space vanishes into the dummy prefix (a sentencepiece Llama in transformers 5)."""
+    return tokenizer.tokenize(" a") == tokenizer.tokenize("a")
+
+
+def _tokenize_whole(tokenizer, text: str, _image_token: str, add_special_tokens: bool | None,
+                    offsets: bool) -> tuple[list[int], list[tuple[int, int]]]:
+    """The whole string in one call (Hugging Face's LlavaProcessor); a text starting with BOS keeps just that one."""
+    if add_special_tokens is None:
+        add_special_tokens = not (tokenizer.bos_token and text.startswith(tokenizer.bos_token))
+    encoded = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=offsets)
+    return encoded["input_ids"], [tuple(span) for span in encoded["offset_mapping"]] if offsets else []
 
 
 def load_image_processor(name_or_path: str, **kwargs):
     # Pin the PIL backend: the default depends on whether torchvision is installed, and the two give
     # slightly different pixels; a model must see the same pixels on every machine.
     return AutoImageProcessor.from_pretrained(name_or_path, backend="pil", **kwargs)
+
+
+def _size_dict(size) -> dict:
+    """An image processor's size (a SizeDict in transformers 5, a dict before) as a plain dict of what is set."""
+    if not size:
+        return {}
+    items = size.items() if isinstance(size, dict) else vars(size).items()
+    return {key: value for key, value in items if value is not None}
 
 
 def _flatten(images) -> list:

@@ -14,10 +14,11 @@ from vlm.processor import VLMProcessor
 class ChatSession:
     """Each turn feeds the model only what is new: the tower runs once, earlier turns stay in the cache.
 
-    The conversation is formatted by the model's own chat template; the tokens the model has already
-    seen are kept, and the next turn appends the text the template adds after them. Where a template
-    re-renders earlier text differently from what was generated, the turn falls back to encoding the
-    whole conversation again (counted in ``full_reencodes``).
+    The conversation is formatted by the model's own chat template and tokenized by the processor's rule
+    (LLaVA's), so turn 1 is exactly the processor's prompt. The tokens the model has already seen or said
+    are kept; the next turn appends the tokens that the whole conversation, tokenized afresh, has after
+    that text. Where the template re-renders earlier text differently from what was generated, or a token
+    would straddle the seam, the turn encodes the whole conversation again (counted in ``full_reencodes``).
     """
 
     def __init__(self, model: VLM, processor: VLMProcessor, image: Image.Image | None,
@@ -27,32 +28,33 @@ class ChatSession:
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
         self.token_ids: torch.Tensor | None = None  # everything the model has seen or said
+        self.seen: str | None = None  # the text of token_ids as the template renders it (None: unknown)
         self.cache = None
         self.full_reencodes = 0
 
-    def _render(self) -> str:
-        return self.processor.expand_image_tokens(self.processor.apply_chat_template(self.messages))
-
-    def _encode(self, text: str) -> torch.Tensor:
-        return self.processor.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    def _continuation(self, rendered: str) -> torch.Tensor | None:
+        """The tokens of ``rendered`` after the text already seen, as tokenizing it whole gives them."""
+        if self.token_ids is None or self.seen is None or not rendered.startswith(self.seen):
+            return None
+        ids, spans = self.processor.encode_with_offsets(rendered)
+        seam = len(self.seen)
+        before = sum(start < seam for start, _ in spans)
+        if any(end > seam for _, end in spans[:before]) or any(start < seam for start, _ in spans[before:]):
+            return None
+        return torch.tensor([ids[before:]], dtype=self.token_ids.dtype)
 
     def ask(self, question: str, on_text: Callable[[str], None] | None = None) -> str:
         first = not any(m["role"] == "user" for m in self.messages)
         image_tag = f"{self.processor.image_token}\n" if first and self.pixel_values is not None else ""
         self.messages.append({"role": "user", "content": image_tag + question})
-        rendered = self._render()
-        pixel_values = None
-        if self.token_ids is None:
-            token_ids, pixel_values, cache = self._encode(rendered), self.pixel_values, None
+        rendered = self.processor.apply_chat_template(self.messages)
+        tail, pixel_values, cache = self._continuation(rendered), None, self.cache
+        if tail is not None:
+            token_ids = torch.cat([self.token_ids, tail], dim=1)
         else:
-            seen = self.processor.tokenizer.decode(self.token_ids[0], skip_special_tokens=False,
-                                                   clean_up_tokenization_spaces=False)
-            if rendered.startswith(seen):
-                token_ids = torch.cat([self.token_ids, self._encode(rendered[len(seen):])], dim=1)
-                cache = self.cache
-            else:
-                self.full_reencodes += 1
-                token_ids, pixel_values, cache = self._encode(rendered), self.pixel_values, None
+            self.full_reencodes += self.token_ids is not None
+            token_ids = torch.tensor([self.processor.encode(rendered)])
+            pixel_values, cache = self.pixel_values, None
         device = self.model.device
         streamer = CallbackStreamer(self.processor.tokenizer, on_text) if on_text else None
         sampling = {"do_sample": True, "temperature": self.temperature} if self.temperature > 0 else {"do_sample": False}
@@ -63,11 +65,15 @@ class ChatSession:
             return_dict_in_generate=True, pad_token_id=self.processor.tokenizer.pad_token_id, **sampling)
         self.token_ids = output.sequences.cpu()
         self.cache = output["cache"] if "cache" in output else output.past_key_values  # renamed in transformers 5.24
-        new_tokens = output.sequences[0, token_ids.shape[1]:].tolist()
-        if new_tokens and new_tokens[-1] == self.processor.tokenizer.eos_token_id:
+        tokenizer = self.processor.tokenizer
+        # What was said as it reads after the prompt (a Llama decoder drops a leading space of a text on its own).
+        context = tokenizer.decode(token_ids[0], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        everything = tokenizer.decode(self.token_ids[0], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        self.seen = rendered + everything[len(context):] if everything.startswith(context) else None
+        new_tokens = self.token_ids[0, token_ids.shape[1]:].tolist()
+        if new_tokens and new_tokens[-1] == tokenizer.eos_token_id:
             new_tokens = new_tokens[:-1]  # the template writes the end of turn itself
         # The history keeps the reply exactly as generated, so re-rendering it reproduces the cached tokens.
-        said = self.processor.tokenizer.decode(new_tokens, skip_special_tokens=False,
-                                               clean_up_tokenization_spaces=False)
+        said = tokenizer.decode(new_tokens, skip_special_tokens=False, clean_up_tokenization_spaces=False)
         self.messages.append({"role": "assistant", "content": said})
         return self.processor.decode(new_tokens).strip()

@@ -12,12 +12,19 @@ def vision_config_of(config: PretrainedConfig) -> PretrainedConfig:
     return getattr(config, "vision_config", None) or config
 
 
-def load_vision_encoder(name_or_path: str, dtype: torch.dtype = torch.float32, **kwargs) -> PreTrainedModel:
-    """Load only the vision encoder, from a vision-only folder or from a whole CLIP/SigLIP checkpoint."""
+def load_vision_encoder(name_or_path: str, dtype: torch.dtype = torch.float32, output_loading_info: bool = False,
+                        **kwargs) -> PreTrainedModel | tuple[PreTrainedModel, dict]:
+    """Load only the vision encoder, from a vision-only folder or from a whole CLIP/SigLIP checkpoint.
+
+    ``output_loading_info`` also returns transformers' missing/mismatched keys (mis-shaped tensors are then
+    reported there instead of raising), so the caller can refuse weights the checkpoint lacks.
+    """
     vision_config = vision_config_of(AutoConfig.from_pretrained(name_or_path, **kwargs))
     # AutoModel maps a vision config (clip_vision_model, siglip_vision_model, ...) to its vision model
     # class, and that class knows how to pick its weights out of a whole CLIP/SigLIP checkpoint.
     encoder_class = AutoModel._model_mapping[type(vision_config)]
+    if output_loading_info:
+        kwargs.update(output_loading_info=True, ignore_mismatched_sizes=True)
     return encoder_class.from_pretrained(name_or_path, dtype=dtype, **kwargs)
 
 

@@ -1,4 +1,5 @@
-"""``python -m vlm.data check --config CONFIG [key=value ...]``: the preflight report of a training config."""
+"""``python -m vlm.data check --config CONFIG [--workers N] [--decode] [key=value ...]``: the preflight report
+of a training config (images by their headers unless ``--decode``; training skips a body that fails later)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vlm.data", description=__doc__)
     parser.add_argument("command", choices=["check"])
     parser.add_argument("--config", required=True, help="a training YAML (its model and data sections are used)")
+    parser.add_argument("--workers", type=int, default=None, help="processes (default: every core, for large data)")
+    parser.add_argument("--decode", action="store_true", help="decode every image fully (~100x slower than headers)")
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. data.path=other.json")
     args = parser.parse_intermixed_args(argv)  # the command, --config and overrides in any order
     from vlm.data.formats import DataError, load_records
-    from vlm.data.preflight import check_records
+    from vlm.data.preflight import check_records, enforce
     from vlm.model import build_vlm, load_pretrained
 
     try:
@@ -25,14 +28,19 @@ def main(argv: list[str] | None = None) -> int:
         records = load_records(config.data.path, image_column=config.data.image_column)
         # The processor decides the token counts; building the model is how it is known exactly.
         _, processor = load_pretrained(config.init_from) if config.init_from else build_vlm(config.model)
-        report = check_records(records, processor, config.data)
+        if args.workers is not None and args.workers < 1:
+            raise ValueError(f"--workers={args.workers} must be at least 1")
+        report = check_records(records, processor, config.data, workers=args.workers, decode=args.decode)
     except (DataError, FileNotFoundError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(report.format())
-    bad = len(report.bad_ids)
-    too_many = report.total and bad / report.total > config.data.max_bad_fraction
-    return 1 if too_many else 0
+    try:  # the verdict training would give
+        enforce(report, config.data.max_bad_fraction, None, config.data.on_too_long)
+    except DataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 SHARD_IMAGES = 256
+# Bumped whenever the pixel rules change (vlm.processor), so caches made under older rules are not read.
+PIXEL_RULES_VERSION = 2
 
 
 def content_key(image) -> str:
@@ -45,10 +47,12 @@ def weights_digest(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def fingerprint(model_config, tower: torch.nn.Module, image_processor_config: dict) -> str:
+def fingerprint(model_config, tower: torch.nn.Module, image_processor_config: dict, aspect: str | None = None) -> str:
+    """``aspect``: the training pictures' (data.image_aspect) where it differs from the model's."""
     shape = {"tower": tower.config.to_dict(), "weights": weights_digest(tower), "pixels": image_processor_config,
              "layer": model_config.vision_feature_layer, "select": model_config.vision_feature_select,
-             "size": model_config.image_size, "aspect": model_config.image_aspect, "dtype": model_config.dtype}
+             "size": model_config.image_size, "aspect": aspect or model_config.image_aspect,
+             "dtype": model_config.dtype, "pixel_rules": PIXEL_RULES_VERSION}
     return hashlib.sha256(json.dumps(shape, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -82,28 +86,39 @@ class FeatureCache:
         os.replace(partial, self.folder / "index.json")
 
     @classmethod
-    def folder_for(cls, model, processor, root: str | Path) -> Path:
-        return Path(root) / fingerprint(model.config, model.vision_tower.encoder, processor.image_processor.to_dict())
+    def folder_for(cls, model, processor, root: str | Path, aspect: str | None = None) -> Path:
+        return Path(root) / fingerprint(model.config, model.vision_tower.encoder, processor.image_processor.to_dict(),
+                                        aspect)
 
     @classmethod
     @torch.no_grad()
     def build(cls, model, processor, images: dict[str, object], image_folder: str | Path, root: str | Path,
-              is_main_process: bool = True, batch_size: int = 16) -> FeatureCache:
+              is_main_process: bool = True, batch_size: int = 16, aspect: str | None = None) -> FeatureCache:
         """Compute the features of every image (``key -> record image``) that the cache lacks.
 
-        Only the main process computes and writes; the others wait and then open the cache.
+        ``aspect``: data.image_aspect (None: the model's). Only the main process computes and writes; the
+        others wait and then open the cache. An image that fails to decode is left out (its sample is
+        skipped when asked for), never fatal: the preflight only read its header.
         """
         from vlm.data.formats import open_record_image
+        from vlm.images import ImageError
 
-        cache = cls(cls.folder_for(model, processor, root))
+        cache = cls(cls.folder_for(model, processor, root, aspect))
         missing = [key for key in images if key not in cache]
         if missing and is_main_process:
             cache.folder.mkdir(parents=True, exist_ok=True)
             pending: dict[str, torch.Tensor] = {}
             for start in tqdm(range(0, len(missing), batch_size), desc="feature cache", unit="batch"):
-                keys = missing[start:start + batch_size]
-                pictures = [open_record_image(images[k], image_folder) for k in keys]
-                pixels = processor.preprocess_images(pictures).to(model.device)
+                keys, pictures = [], []
+                for key in missing[start:start + batch_size]:
+                    try:
+                        pictures.append(open_record_image(images[key], image_folder))
+                        keys.append(key)
+                    except ImageError:  # left out of the cache: training skips its sample and says so
+                        continue
+                if not keys:
+                    continue
+                pixels = processor.preprocess_images(pictures, aspect=aspect).to(model.device)
                 features = model.vision_tower(pixels).cpu()
                 pending.update(zip(keys, features, strict=True))
                 if len(pending) >= SHARD_IMAGES:

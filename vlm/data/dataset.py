@@ -2,45 +2,79 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+import warnings
+from collections.abc import Collection, Iterator, Sequence
+from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset, Sampler
 
 from vlm.config import DataConfig
 from vlm.data.cache import FeatureCache
-from vlm.data.formats import Record, open_record_image
+from vlm.data.formats import DataError, Record, open_record_image
 from vlm.data.templates import encode
+from vlm.images import ImageError
 from vlm.processor import VLMProcessor
+
+FAILURES_FILE = "decode_failures.jsonl"  # samples whose image failed to decode mid-run, one line each time
+MAX_FAILED_IN_A_ROW = 64  # more than this many failures one after another is the data, not one bad file
 
 
 class VLMDataset(Dataset):
-    """Records that passed preflight, encoded on the fly; images as pixels or as cached tower features."""
+    """Records that passed preflight, encoded on the fly; images as pixels or as cached tower features.
 
-    def __init__(self, records: list[Record], processor: VLMProcessor, data: DataConfig, lengths: dict[int, int],
-                 skip_ids: set[str] = frozenset(), feature_cache: FeatureCache | None = None,
-                 image_keys: dict[int, list[str]] | None = None) -> None:
-        """``image_keys``: record index -> the cache keys of its images (needed with a ``feature_cache``)."""
+    The preflight reads image headers only, so a body can still fail to decode here: that sample is
+    replaced by the next one (the batch keeps its size, every rank keeps stepping), counted, and its id
+    appended to ``failures_file``, which worker processes share.
+    """
+
+    def __init__(self, records: Sequence[Record], processor: VLMProcessor, data: DataConfig, lengths: dict[int, int],
+                 skip_ids: Collection[int] = frozenset(), feature_cache: FeatureCache | None = None,
+                 image_keys: dict[int, list[str]] | None = None, failures_file: str | Path | None = None) -> None:
+        """``lengths``: record index -> tokens, for exactly the records the preflight passed (the report's);
+        ``skip_ids``: indices of records not to train (enforce's answer; records sharing an id are told
+        apart by index); ``image_keys``: record index -> the cache keys of its images (with a ``feature_cache``)."""
         self.records, self.processor, self.data, self.cache = records, processor, data, feature_cache
-        self.indices = [i for i in sorted(lengths) if records[i].id not in skip_ids]
+        self.indices = [i for i in sorted(lengths) if i not in skip_ids]
         self.lengths = [lengths[i] for i in self.indices]
         self.image_keys = image_keys or {}
+        self.failures_file = failures_file
+        self.failed: list[dict] = []  # this process's failures (a worker's stay in the worker: see the file)
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, position: int) -> dict:
-        index = self.indices[position]
+        for attempt in range(MAX_FAILED_IN_A_ROW):
+            index = self.indices[(position + attempt) % len(self.indices)]
+            try:
+                return self._sample(index)
+            except ImageError as error:
+                self._failed(index, error)
+        raise DataError(f"{MAX_FAILED_IN_A_ROW} samples in a row failed to decode (last: {self.failed[-1]['detail']})")
+
+    def _failed(self, index: int, error: Exception) -> None:
+        failure = {"index": index, "id": self.records[index].id, "detail": str(error)}
+        self.failed.append(failure)
+        warnings.warn(f"sample {failure['id']} skipped: {error}", stacklevel=2)
+        if self.failures_file is not None:
+            with open(self.failures_file, "a", encoding="utf-8") as out:  # one short append: safe across processes
+                out.write(json.dumps(failure) + "\n")
+
+    def _sample(self, index: int) -> dict:
         record = self.records[index]
         ids, labels = encode(record.messages, self.processor.tokenizer, self.data.template, self.processor.image_token,
                              self.processor.tokens_per_image, self.data.max_length,
                              "truncate" if self.data.on_too_long == "truncate" else "skip")
         sample = {"id": record.id, "input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
         if record.images and self.cache is not None:
+            if any(key not in self.cache for key in self.image_keys[index]):
+                raise ImageError(f"an image of record {record.id} failed to decode when the feature cache was built")
             sample["vision_features"] = torch.stack([self.cache[key] for key in self.image_keys[index]])
         elif record.images:
             pictures = [open_record_image(image, self.data.image_folder) for image in record.images]
-            sample["pixel_values"] = self.processor.preprocess_images(pictures)
+            sample["pixel_values"] = self.processor.preprocess_images(pictures, aspect=self.data.image_aspect)
         return sample
 
 

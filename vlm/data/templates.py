@@ -3,15 +3,20 @@
 A chat is rendered once in full by the tokenizer's chat template. For each assistant turn the same
 template renders the conversation up to that turn with the generation prompt; that text must be a
 prefix of the full rendering, and what follows it up to the reply's end-of-turn token is the reply:
-exactly what the model has to generate at inference. The rendering is cut into prompt and reply
-pieces at those character positions and each piece is tokenized on its own, so no token straddles
-a boundary and no mask is built by counting tokens. A template that does not render consistently
-raises :class:`SampleError`; the sample is reported, never trained with a silently zeroed loss.
+exactly what the model has to generate at inference. The whole rendering is tokenized as LLaVA does
+(split at ``<image>`` only: :func:`vlm.processor.tokenize_with_images`), so the ids are LLaVA's for a
+legacy and a non-legacy Llama tokenizer alike, and a token carries loss when its characters overlap a
+reply: a token straddling the prompt/reply boundary (" yes" after "ASSISTANT:") is the reply's first, as
+in LLaVA. No mask is built by counting tokens. A template that does not render consistently raises
+:class:`SampleError`; the sample is reported, never trained with a silently zeroed loss.
+As in LLaVA, each turn's ``<image>`` first moves to the front of that turn (:func:`images_first`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from vlm.processor import tokenize_with_images
+
+IGNORE = -100  # the label of a position that carries no loss
 
 # LLaVA-1.5's conversation format: "SYSTEM USER: <image>\nQ1 ASSISTANT: A1</s>USER: Q2 ASSISTANT:".
 VICUNA_V1 = (
@@ -49,18 +54,15 @@ class SampleError(ValueError):
         self.problem = problem
 
 
-@dataclass
-class Piece:
-    text: str
-    supervised: bool
+Span = tuple[int, int]  # [start, end) in characters
 
 
-def render_pieces(messages: list[dict], tokenizer, template: str) -> list[Piece]:
-    """The conversation as text pieces, each a prompt part (no loss) or a reply part (loss)."""
+def render(messages: list[dict], tokenizer, template: str, image_token: str = "<image>") -> tuple[str, list[Span]]:
+    """The conversation as one text and the spans of its replies (each with its end-of-turn token): the loss."""
     if template == "plain":
-        return _plain_pieces(messages, tokenizer)
+        return _plain(messages, image_token)
     full = tokenizer.apply_chat_template(messages, tokenize=False)
-    pieces, cursor = [], 0
+    replies, cursor = [], 0
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
@@ -68,11 +70,9 @@ def render_pieces(messages: list[dict], tokenizer, template: str) -> list[Piece]
         if not full.startswith(prompt) or len(prompt) < cursor:
             raise SampleError("template_mismatch", f"the chat template renders the conversation up to turn {index} "
                                                    "differently from the whole conversation")
-        end = _reply_end(full, len(prompt), message["content"], tokenizer, index)
-        pieces += [Piece(full[cursor:len(prompt)], False), Piece(full[len(prompt):end], True)]
-        cursor = end
-    pieces.append(Piece(full[cursor:], False))
-    return [p for p in pieces if p.text]
+        cursor = _reply_end(full, len(prompt), message["content"], tokenizer, index)
+        replies.append((len(prompt), cursor))
+    return full, replies
 
 
 def _reply_end(full: str, start: int, content: str, tokenizer, index: int) -> int:
@@ -93,40 +93,75 @@ def _reply_end(full: str, start: int, content: str, tokenizer, index: int) -> in
                                            f"{index}, so the model would never learn to stop")
 
 
-def _plain_pieces(messages: list[dict], tokenizer) -> list[Piece]:
-    """Stage 1 as LLaVA-1.5 does it: the image, then the caption and its end; the instruction is dropped."""
+def _plain(messages: list[dict], image_token: str) -> tuple[str, list[Span]]:
+    """Stage 1 as LLaVA-1.5 does it (preprocess_plain): the image, then the caption and a newline; the
+    instruction is dropped. BOS only where the tokenizer adds one itself, as LLaVA's tokenization does."""
     users = [m for m in messages if m["role"] == "user"]
     replies = [m for m in messages if m["role"] == "assistant"]
     if len(users) != 1 or len(replies) != 1:
         raise SampleError("bad_roles", "the plain template takes one human turn and one gpt turn")
-    image_tags = "<image>" * users[0]["content"].count("<image>")
-    return [Piece((tokenizer.bos_token or "") + image_tags + "\n", False),
-            Piece(replies[0]["content"] + tokenizer.eos_token, True)]
+    image_tags = image_token * users[0]["content"].count(image_token)
+    text = image_tags + replies[0]["content"] + "\n"
+    return text, [(len(image_tags), len(text))]
+
+
+def images_first(messages: list[dict], image_token: str) -> list[dict]:
+    """Each turn's image placeholders moved to its front, then a newline and the rest stripped, as LLaVA's
+    preprocess_multimodal does ("Describe.\n<image>" -> "<image>\nDescribe.")."""
+    moved = []
+    for message in messages:
+        content = message["content"]
+        if isinstance(content, str) and image_token in content:
+            rest = content.replace(image_token, "").strip()
+            content = (image_token * message["content"].count(image_token) + "\n" + rest).strip()
+        moved.append({**message, "content": content})
+    return moved
+
+
+def tokenize(messages: list[dict], tokenizer, template: str, image_token: str,
+             tokens_per_image: int) -> tuple[list[int], list[int]]:
+    """Token ids with each image token expanded to ``tokens_per_image`` slots, and labels (-100: no loss)."""
+    image_id = tokenizer.convert_tokens_to_ids(image_token)
+    text, replies = render(images_first(messages, image_token), tokenizer, template, image_token)
+    tokens, spans = tokenize_with_images(tokenizer, text, image_token, offsets=True)
+    supervised = [token != image_id and any(_overlaps(span, reply) for reply in replies)
+                  for token, span in zip(tokens, spans, strict=True)]
+    ids: list[int] = []
+    labels: list[int] = []
+    for token, keep in zip(tokens, supervised, strict=True):
+        count = tokens_per_image if token == image_id else 1
+        ids += [token] * count
+        labels += [token if keep else IGNORE] * count
+    return ids, labels
+
+
+def _overlaps(span: Span, reply: Span) -> bool:
+    """A token shares characters with the reply; one of no width (a BOS it added) must lie strictly inside."""
+    (start, end), (first, last) = span, reply
+    return start < last and (end > first if end > start else start > first)
+
+
+def fit(ids: list[int], labels: list[int], image_id: int, max_length: int,
+        on_too_long: str = "skip") -> tuple[list[int], list[int]]:
+    """The sample within ``max_length`` (visual tokens counted). Too long: ``skip``/``error`` raise;
+    ``truncate`` cuts at the right as LLaVA does, but never into or past an image (the pictures would no
+    longer match their slots) and never to zero loss: those raise."""
+    truncated = len(ids) > max_length
+    if truncated:
+        if on_too_long != "truncate":
+            raise SampleError("too_long", f"{len(ids)} tokens (visual tokens included) exceed max_length={max_length}")
+        if image_id in ids[max_length:]:
+            raise SampleError("too_long", f"{len(ids)} tokens exceed max_length={max_length} and truncating would "
+                                          "cut an image")
+        ids, labels = ids[:max_length], labels[:max_length]
+    if all(label == IGNORE for label in labels[1:]):  # the first label never counts: nothing predicts it
+        raise SampleError("no_supervised_tokens", "no token of the sample would carry loss"
+                          + (f" after truncation to max_length={max_length}" if truncated else ""))
+    return ids, labels
 
 
 def encode(messages: list[dict], tokenizer, template: str, image_token: str, tokens_per_image: int,
            max_length: int, on_too_long: str = "skip") -> tuple[list[int], list[int]]:
-    """Token ids with each image token expanded to ``tokens_per_image`` slots, and labels (-100: no loss).
-
-    ``max_length`` counts the visual tokens. Too long: ``skip``/``error`` raise; ``truncate`` cuts at the
-    right, never inside an image's run of slots, and raises when no supervised token would remain.
-    """
-    image_id = tokenizer.convert_tokens_to_ids(image_token)
-    ids: list[int] = []
-    labels: list[int] = []
-    for piece in render_pieces(messages, tokenizer, template):
-        for token in tokenizer(piece.text, add_special_tokens=False)["input_ids"]:
-            count = tokens_per_image if token == image_id else 1
-            ids += [token] * count
-            labels += [token if piece.supervised and token != image_id else -100] * count
-    if len(ids) > max_length:
-        if on_too_long != "truncate":
-            raise SampleError("too_long", f"{len(ids)} tokens (visual tokens included) exceed max_length={max_length}")
-        cut = max_length
-        while cut > 0 and ids[cut - 1] == image_id and ids[cut] == image_id:
-            cut -= 1  # back out of the image run entirely
-        ids, labels = ids[:cut], labels[:cut]
-    if not any(label != -100 for label in labels[1:]):
-        raise SampleError("no_supervised_tokens", "no token of the sample would carry loss"
-                          + (" after truncation" if on_too_long == "truncate" else ""))
-    return ids, labels
+    """Token ids and labels of a conversation, within ``max_length`` (see :func:`tokenize`, :func:`fit`)."""
+    ids, labels = tokenize(messages, tokenizer, template, image_token, tokens_per_image)
+    return fit(ids, labels, tokenizer.convert_tokens_to_ids(image_token), max_length, on_too_long)

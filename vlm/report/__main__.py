@@ -2,8 +2,10 @@
 
 Writes ``reports.jsonl`` (one record per image, appended as it goes), ``reports.csv`` and ``index.html``
 (a thumbnail beside each report, flagged panels first) in OUT_DIR. A rerun skips every image whose
-record is already there for the same file content (SHA-256) and model; an image that fails is recorded
-with its error and the rest go on. ``python -m vlm.report --schema`` prints the report schema.
+report is already there for the same file content (SHA-256) and model; an image that fails is recorded
+with its error, the rest go on, and a rerun tries it again. A record cut off by a crash is removed before
+the rerun appends; every other file is written whole or not at all (a temporary file renamed over it).
+``python -m vlm.report --schema`` prints the report schema.
 """
 
 from __future__ import annotations
@@ -12,18 +14,24 @@ import argparse
 import csv
 import hashlib
 import html
+import io
 import json
 import sys
 from pathlib import Path
 
+from safetensors import SafetensorError
 from tqdm import tqdm
 
+from vlm.files import write_atomic
 from vlm.report import REPORT_SCHEMA, ReportError, ReportGenerator
 from vlm.synth.panels import SEVERITIES
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "models" / "demo"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 THUMB_PX = 160
+# What loading a model raises for a broken folder: vlm.model.ModelFolderError is a ValueError, and
+# safetensors' own error (no file name) where a loader lets it through.
+MODEL_ERRORS: tuple[type[Exception], ...] = (FileNotFoundError, ValueError, OSError, SafetensorError)
 CSV_FIELDS = ("image", "status", "flagged", "asset_code", "overall_severity", "recommended_action", "gauge_reading",
               "warning_label", "lamps", "damage", "notes", "error")
 
@@ -47,13 +55,25 @@ def read_records(path: Path) -> dict[str, dict]:
     records: dict[str, dict] = {}
     if not path.is_file():
         return records
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(path.read_bytes().split(b"\n"), 1):  # bytes: one bad line spoils no other
+        if not line.strip():
+            continue
         try:
-            record = json.loads(line)
+            record = json.loads(line.decode("utf-8"))
             records[record["image"]] = record
-        except (json.JSONDecodeError, KeyError, TypeError):
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
             print(f"warning: {path} line {number} is not a report record; its image will be redone", file=sys.stderr)
     return records
+
+
+def repair_log(path: Path) -> None:
+    """Cut a last line left without its newline by a crash, so the next record starts on a line of its own."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        print(f"warning: {path}: removing the cut-off last line of an interrupted run", file=sys.stderr)
+        write_atomic(path, data[: data.rfind(b"\n") + 1])
 
 
 def _row(record: dict) -> dict:
@@ -67,10 +87,11 @@ def _row(record: dict) -> dict:
 
 
 def write_csv(records: list[dict], path: Path) -> None:
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        writer.writerows(_row(record) for record in records)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=CSV_FIELDS)
+    writer.writeheader()
+    writer.writerows(_row(record) for record in records)
+    write_atomic(path, text.getvalue())
 
 
 def html_order(record: dict) -> tuple:
@@ -98,7 +119,7 @@ def write_html(records: list[dict], path: Path) -> None:
         rows.append(f'<tr class="{cls}"><td>{thumb}</td><td><h3>{esc(record["image"])}</h3>{body}</td></tr>')
     flagged = sum(bool(r["flagged"]) for r in records)
     failed = sum(bool(r["error"]) for r in records)
-    path.write_text(f"""<!doctype html>
+    write_atomic(path, f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>Inspection reports</title><style>
 body {{ font-family: sans-serif; margin: 2em; }} td {{ vertical-align: top; padding: 8px; }}
 tr {{ border-left: 8px solid #ccc; }} table {{ border-collapse: collapse; }} h3 {{ margin: 0 0 4px; }}
@@ -122,10 +143,12 @@ def _load_model(name: str, device: str, dtype: str | None):
 
     if Path(name) == DEFAULT_MODEL and not (DEFAULT_MODEL / "config.json").is_file():
         raise UsageError(f"no model at {DEFAULT_MODEL} (build the demo model first, or pass --model)")
+    if Path(name).is_file():
+        raise UsageError(f"--model {name} is a file, not a model folder")
     try:
         return load_pretrained(name, device=device, dtype=dtype)
-    except (FileNotFoundError, ValueError, OSError) as error:
-        raise UsageError(str(error)) from None
+    except MODEL_ERRORS as error:  # vlm.model.ModelFolderError (a ValueError) names the broken file
+        raise UsageError(f"cannot load model {name}: {' '.join(str(error).split())}") from None
 
 
 def _report_batch(generator: ReportGenerator, records: list[dict], images: list) -> None:
@@ -153,6 +176,8 @@ def run(images_dir: Path, out: Path, model_name: str, batch_size: int = 4, devic
     from vlm.images import ImageError, load_image
 
     log = out / "reports.jsonl"
+    out.mkdir(parents=True, exist_ok=True)
+    repair_log(log)
     records = read_records(log)
     inside = out.resolve()  # OUT_DIR may sit inside IMAGES_DIR: its thumbnails are not inputs
     found = sorted(p for p in images_dir.rglob("*") if p.is_file() and inside not in p.resolve().parents)
@@ -160,8 +185,9 @@ def run(images_dir: Path, out: Path, model_name: str, batch_size: int = 4, devic
     pending = []
     for path in files:
         name, digest = path.relative_to(images_dir).as_posix(), hashlib.sha256(path.read_bytes()).hexdigest()
-        if (records.get(name, {}).get("sha256"), records.get(name, {}).get("model")) != (digest, model_name):
-            pending.append((name, digest, path))
+        done = records.get(name, {})
+        if (done.get("sha256"), done.get("model")) != (digest, model_name) or done.get("error"):
+            pending.append((name, digest, path))  # new, changed, another model's, or failed last time
     counts = {"done": 0, "skipped": len(files) - len(pending), "failed": 0, "ignored": len(found) - len(files)}
     generator = ReportGenerator(*_load_model(model_name, device, dtype)) if pending else None
     (out / "thumbs").mkdir(parents=True, exist_ok=True)
@@ -180,7 +206,9 @@ def run(images_dir: Path, out: Path, model_name: str, batch_size: int = 4, devic
                 thumb = image.copy()
                 thumb.thumbnail((THUMB_PX, THUMB_PX))
                 record["thumbnail"] = f"thumbs/{digest[:16]}.jpg"
-                thumb.save(out / record["thumbnail"], quality=85)
+                encoded = io.BytesIO()
+                thumb.save(encoded, format="JPEG", quality=85)
+                write_atomic(out / record["thumbnail"], encoded.getvalue())
                 loaded.append(record)
                 images.append(image)
             if loaded:
@@ -216,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.images is None or args.out is None:
             raise UsageError("give IMAGES_DIR and --out OUT_DIR (or --schema)")
         if not args.images.is_dir():
-            raise UsageError(f"{args.images} is not a folder")
+            raise UsageError(f"{args.images} is not a folder{' (a file: give IMAGES_DIR)' if args.images.is_file() else ''}")
         if args.out.exists() and not args.out.is_dir():
             raise UsageError(f"--out {args.out} exists and is not a folder")
         if args.batch_size < 1:

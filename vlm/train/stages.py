@@ -14,7 +14,8 @@ def configure_stage(model: VLM, config: Config) -> VLM:
     """Freeze and unfreeze for ``config.stage``; for ``instruct``, wrap the LM (and only the LM) with LoRA.
 
     align: the projector alone. instruct: the projector plus LoRA on every linear layer of the LM
-    (or the whole LM with ``train.full_finetune``). The tower never trains.
+    (or the whole LM with ``train.full_finetune``). The tower never trains. What trains is kept in fp32
+    whatever the model's dtype: bf16 rounds away most small updates (the forward runs under autocast).
     """
     model.requires_grad_(False)
     model.projector.requires_grad_(True)
@@ -38,6 +39,9 @@ def configure_stage(model: VLM, config: Config) -> VLM:
     if config.train.gradient_checkpointing:
         model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.language_model.enable_input_require_grads()
+    for parameter in model.parameters():
+        if parameter.requires_grad and parameter.dtype in (torch.bfloat16, torch.float16):
+            parameter.data = parameter.data.float()
     return model
 
 
