@@ -276,13 +276,17 @@ def load_complete(load: Callable, folder: str | Path, **kwargs):
 
     transformers would initialise those at random and log a table of them; this raises one line instead.
     """
-    report = logging.getLogger("transformers.modeling_utils")
-    level = report.level
-    report.setLevel(logging.ERROR)
+    # transformers checks its tensor-parallel plan (and warns about it) whenever its logger has a level set.
+    reports = [logging.getLogger(name) for name in ("transformers.modeling_utils",
+                                                    "transformers.distributed.tensor_parallel")]
+    levels = [report.level for report in reports]
+    for report in reports:
+        report.setLevel(logging.ERROR)
     try:
         model, info = load(folder, output_loading_info=True, **kwargs)
     finally:
-        report.setLevel(level)
+        for report, level in zip(reports, levels, strict=True):
+            report.setLevel(level)
     require_all_weights(info, folder)
     return model
 
