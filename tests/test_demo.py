@@ -655,9 +655,12 @@ def test_stage2_fits_its_steps_to_the_time_left_at_stage_1s_pace():
 
 def test_tower_spec_sets_the_saved_towers_heads_and_activation(tmp_path):
     spec = dataclasses.replace(SPEC, head_width=32, activation="gelu")
-    save_tower(Contrastive(build_clip(spec, 32, 5, 3), "siglip"), spec, tmp_path / "tower")
+    tower = Contrastive(build_clip(spec, 32, 5, 3), "siglip")
+    save_tower(tower, spec, tmp_path / "tower")
     config = load_vision_encoder(str(tmp_path / "tower")).config
     assert (config.num_attention_heads, config.hidden_act) == (SPEC.width // 32, "gelu")
+    settings = json.loads((tmp_path / "tower" / "zeroshot.json").read_text())  # the sigmoid's bias, for vlm.zeroshot
+    assert settings == {"activation": "sigmoid", "logit_bias": tower.logit_bias.item()}
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's; elsewhere it does nothing")
@@ -731,7 +734,7 @@ def test_quick_recipe_end_to_end(tmp_path, capsys):
     assert {"lamp", "asset_code"} <= set(metrics["language_model"]["held_out_from_true_twins"])
     # Distillation filled the trainer's feature cache for every panel; stage 1 read it (same fingerprint
     # folder) instead of running the tower again.
-    caches = list((tmp_path / "work" / "feature_cache").iterdir())
+    caches = [f for f in (tmp_path / "work" / "feature_cache").iterdir() if (f / "index.json").is_file()]
     assert len(caches) == 1
     assert len(json.loads((caches[0] / "index.json").read_text())) == QUICK.n_train + QUICK.n_eval
     # Stage 2's file holds just the samples it draws (fewer than the mixture), stage 1's every caption (fewer).

@@ -170,3 +170,32 @@ def test_export_refuses_what_llava_cannot_hold(tmp_path, parts):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: cannot export because")
     assert "Traceback" not in result.stderr
+
+
+def test_an_imported_llava_keeps_llava_processors_tokens_through_a_save(tmp_path, parts):
+    """LlavaProcessor tokenizes the whole expanded prompt; with a non-legacy sentencepiece Llama that differs
+    from LLaVA's split at <image>, so an import keeps the whole-string rule, and so does its saved folder."""
+    import json
+
+    from vlm.testing import tiny_lm
+
+    lm = tiny_lm(tmp_path / "vicuna", "llama", tokenizer="sentencepiece")
+    settings = json.loads((lm / "tokenizer_config.json").read_text())
+    (lm / "tokenizer_config.json").write_text(json.dumps({**settings, "legacy": False}))
+    ours, our_processor = build_vlm(ModelConfig(vision_tower=str(parts["clip"]), language_model=str(lm)))
+    export_llava(ours, our_processor, tmp_path / "hf")
+    theirs = AutoProcessor.from_pretrained(tmp_path / "hf", backend="pil")
+    expected = _unpadded(theirs)
+    split = _unpadded(our_processor)
+    assert split != expected  # the two rules differ on this tokenizer, so the checks below can fail
+
+    imported, imported_processor = load_pretrained(tmp_path / "hf")
+    assert _unpadded(imported_processor) == expected
+    imported.save_pretrained(tmp_path / "project", imported_processor)
+    _, reloaded_processor = load_pretrained(tmp_path / "project")
+    assert _unpadded(reloaded_processor) == expected
+
+
+def _unpadded(processor) -> list[list[int]]:
+    inputs = processor(images=_pictures(), text=PROMPTS, padding=True, return_tensors="pt")
+    return [ids[mask.bool()].tolist() for ids, mask in zip(inputs["input_ids"], inputs["attention_mask"], strict=True)]

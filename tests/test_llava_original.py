@@ -349,3 +349,19 @@ def test_a_stage2_result_whose_language_model_is_an_original_folder_loads(tmp_pa
     again, logits_again = _ours(reloaded, reloaded_processor, _picture())
     assert torch.equal(inputs["input_ids"], again["input_ids"])
     torch.testing.assert_close(logits_again, logits, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(("setting", "expected"), [(None, True), (False, False), (True, True)])
+def test_a_tokenizer_config_without_legacy_reads_as_llavas_transformers_did(tmp_path, llava_parts, setting, expected):
+    """transformers 4.3x (LLaVA's) took a missing ``legacy`` as true; 5.x takes it as false."""
+    folder = write_original(tmp_path / "original", llava_parts)
+    settings = json.loads((folder / "tokenizer_config.json").read_text())
+    settings.pop("legacy")
+    if setting is not None:
+        settings["legacy"] = setting
+    (folder / "tokenizer_config.json").write_text(json.dumps(settings))
+    _, processor = load_pretrained(folder)
+    assert processor.tokenizer.legacy is expected
+    ids = processor.tokenizer("</s>USER: hi", add_special_tokens=False)["input_ids"]
+    pieces = processor.tokenizer.convert_ids_to_tokens(ids)
+    assert pieces[1].startswith("▁") is expected  # legacy: a dummy prefix after every special token

@@ -288,15 +288,50 @@ def test_where_llava_zeroes_a_sample_we_keep_the_right_mask(tokenizer, llava, ca
     assert collapsed_ids == zeroed_ids  # the same tokens as LLaVA
     if right is not None:
         assert collapsed_labels == right
-    # Loss falls on exactly each reply (after "ASSISTANT:") and its </s>.
+    assert supervised_runs(ids, labels, tokenizer) == [" " + t["value"] + "</s>" for t in turns[1::2]]
+
+
+def test_llavas_non_legacy_adjustment_zeroes_samples_where_user_is_one_piece_either_way(tmp_path):
+    """Llama's vocabulary has "▁US" and "US": a later round tokenized alone by a non-legacy tokenizer is then
+    no longer one token longer than in place ("▁USER" against "USER" after </s>), LLaVA's "-1" leaves each one
+    token short, and every multi-turn sample is zeroed. Ours has LLaVA's ids and the loss on each reply."""
+    import io
+
+    import sentencepiece
+
+    lines = ["A chat between a curious user and an assistant. USER: is the lamp on? ASSISTANT: yes</s>USER: and "
+             "the gauge? ASSISTANT: 42</s>", "the panel shows a gauge a tag and lamps . what is the asset code ?"] * 20
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=model, vocab_size=420, model_type="bpe", byte_fallback=True,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        split_digits=True, minloglevel=2)
+    write_vicuna_tokenizer(tmp_path, legacy=False)  # its config, with this tokenizer.model instead
+    (tmp_path / "tokenizer.model").write_bytes(model.getvalue())
+    tokenizer = load_tokenizer(str(tmp_path))
+    tokenizer.chat_template = resolve_chat_template("vicuna_v1")
+    llava = SlowLlamaTokenizer(tmp_path / "tokenizer.model", legacy=False)
+    assert [llava.tokenize("USER:")[0], llava.tokenize("</s>USER:")[1]] == ["\u2581USER", "USER"]
+    turns = CONVERSATIONS["multi-turn image-first"]
+    zeroed_ids, zeroed, mismatch = llava_v1(turns, llava, True, legacy=False)
+    assert mismatch and set(zeroed) == {IGNORE}
+    _, right, _ = llava_v1(turns, llava, True, legacy=True)  # counting without the adjustment is right here
+    ids, labels = ours(turns, tokenizer)
+    assert collapse(ids, labels, tokenizer.convert_tokens_to_ids("<image>")) == (zeroed_ids, right)
+    assert supervised_runs(ids, labels, tokenizer) == [" " + t["value"] + "</s>" for t in turns[1::2]]
+
+
+def supervised_runs(ids: list[int], labels: list[int], tokenizer) -> list[str]:
+    """The text of each run of tokens that carry loss (byte pieces such as <0x2C> read as their ASCII)."""
     runs, run = [], []
     for token, label in zip(ids + [0], labels + [IGNORE], strict=True):
         if label != IGNORE:
             run.append(token)
         elif run:
-            runs.append("".join(tokenizer.convert_ids_to_tokens(run)).replace("\u2581", " "))
+            text = "".join(tokenizer.convert_ids_to_tokens(run)).replace("\u2581", " ")
+            runs.append(re.sub("<0x([0-9A-F]{2})>", lambda byte: chr(int(byte.group(1), 16)), text))
             run = []
-    assert runs == [" " + t["value"] + "</s>" for t in turns[1::2]]
+    return runs
 
 
 @pytest.mark.parametrize("legacy", [True, False], ids=["legacy", "non-legacy"])

@@ -48,7 +48,8 @@ def test_bpe_tokenizers_tokenize_the_same_split_at_images_or_whole(parts, lm):
 
 @LEGACY
 def test_the_whole_string_switch_is_hugging_face_llavas_rule(tmp_path, legacy):
-    """LlavaProcessor tokenizes the expanded prompt in one call: after the image, no "▁" as LLaVA's chunk has."""
+    """LlavaProcessor tokenizes the expanded prompt in one call, so a non-legacy tokenizer writes no "▁" after the
+    image, where LLaVA's chunk (and ours by default) starts with one."""
     tokenizer = load_tokenizer(str(write_vicuna_tokenizer(tmp_path, legacy)))
     split, whole = (VLMProcessor(tokenizer, None, 2, split_at_images=flag) for flag in (True, False))
     prompt = "USER: <image>\nwhat is it? ASSISTANT:"
@@ -56,9 +57,9 @@ def test_the_whole_string_switch_is_hugging_face_llavas_rule(tmp_path, legacy):
     slow = SlowLlamaTokenizer(tmp_path / "tokenizer.model", legacy)
     ids = split.encode(prompt)
     assert collapse(ids, ids, split.image_token_id)[0] == llava_tokenizer_image_token(prompt, slow)
-    after_image = split.encode(prompt)[len(split.encode("USER: <image>")):][:2]
+    after_image = ids[len(split.encode("USER: <image>")):][:2]
     assert tokenizer.convert_ids_to_tokens(after_image) == ["\u2581", "<0x0A>"]
-    assert (split.encode(prompt) == whole.encode(prompt)) is legacy  # legacy prefixes after special tokens too
+    assert (ids == whole.encode(prompt)) is legacy  # legacy writes a "▁" after every special token
 
 
 @LEGACY
@@ -87,7 +88,8 @@ def test_a_token_straddling_the_prompt_reply_boundary_is_the_replys_first(tmp_pa
     are vicuna_v1's. A "▁" of its own (before a digit) lies wholly in that prompt, as it would at inference."""
     tokenizer = load_tokenizer(str(write_vicuna_tokenizer(tmp_path, legacy)))
     spaced = VICUNA_V1.replace("{{ 'ASSISTANT:' }}", "{{ 'ASSISTANT: ' }}")
-    words = human_gpt("<image>\nIs the fault lamp on?", "yes, it is red", "What does the gauge read?", "the gauge reads 42")
+    words = human_gpt("<image>\nIs the fault lamp on?", "yes, it is red", "What does the gauge read?",
+                      "the gauge reads 42")
     digits = human_gpt("<image>\nWhat does the gauge read?", "42")
     tokenizer.chat_template = resolve_chat_template("vicuna_v1")
     words_v1, digits_v1 = ours(words, tokenizer), ours(digits, tokenizer)

@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -142,11 +143,18 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, parts, llav
     assert len(seconds) == 8 and seconds == sorted(seconds) and seconds[4] > seconds[3] > 0
 
 
+def _free_port() -> int:
+    """A port no other run on this machine holds: two runs on Accelerate's default port hang each other."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def test_two_process_ddp_matches_one_process(tmp_path, parts, llava_data):
     common = ["train.max_steps=4", "train.lr=5e-3"]
     train(_align_config(parts, llava_data, tmp_path / "one", "train.batch_size=4", *common))
     args = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
             str(ROOT / "train_projector.py"), "--config", str(ROOT / "configs" / "tiny.yaml"),
             f"model.vision_tower={parts['clip']}", f"model.language_model={parts['llama']}", "stage=align",
             f"data.path={llava_data / 'captions.json'}", "data.template=plain", f"data.image_folder={llava_data}",

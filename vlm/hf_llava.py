@@ -20,7 +20,7 @@ from transformers import (
 
 from vlm.config import ModelConfig
 from vlm.model import VLM, _torch_dtype, check_weight_files, load_complete
-from vlm.processor import VLMProcessor
+from vlm.processor import VLMProcessor, pixel_side
 from vlm.projector import MLPProjector
 from vlm.vision import VisionTower
 
@@ -31,6 +31,9 @@ class ExportError(ValueError):
 
 def _llava_strategy(tower: VisionTower) -> str:
     # Llava's "default" drops exactly one leading token (CLIP's CLS); "full" keeps everything.
+    if not isinstance(tower, VisionTower) or tower.naflex or tower.select == "pooled":
+        raise ExportError("cannot export because Llava holds one fixed-resolution tower's hidden states only (not "
+                          "fused towers, NaFlex patches or a pooled output)")
     if tower.select == "patch" and tower.prefix_tokens == 1:
         return "default"
     if tower.select == "cls_patch" or tower.prefix_tokens == 0:
@@ -53,12 +56,14 @@ def export_llava(model: VLM, processor: VLMProcessor, out_dir: str | Path) -> Pa
         raise ExportError(f"cannot export because Llava's projector is mlp2x_gelu and this model's is "
                           f"{config.projector!r}")
     tower = model.vision_tower
-    if (config.image_size or tower.native_image_size) != tower.native_image_size:
+    strategy = _llava_strategy(tower)
+    side = config.image_size or tower.native_image_size
+    # Llava calls the tower without interpolate_pos_encoding; one that always interpolates (DINOv2) takes any side.
+    if tower._interpolate and side != tower.encoder.config.image_size:
         raise ExportError(f"cannot export because Llava does not interpolate position embeddings: the model "
-                          f"reads {config.image_size}-px images with a {tower.native_image_size}-px tower")
+                          f"reads {side}-px images with a {tower.encoder.config.image_size}-px tower")
     if hasattr(model.language_model, "peft_config"):
         raise ExportError("cannot export because the LM still has LoRA adapters: merge them first (python -m vlm.merge)")
-    strategy = _llava_strategy(tower)
     llm = model.language_model
     llava_config = LlavaConfig(
         vision_config=tower.encoder.config.to_dict(), text_config=llm.config.to_dict(),
@@ -104,7 +109,9 @@ def import_llava(path: str | Path, device: str | torch.device | None = None,
         raise ValueError("cannot import a Llava model that concatenates several vision layers")
     if llava_config.projector_hidden_act != "gelu" or not llava_config.multimodal_projector_bias:
         raise ValueError("cannot import: only the gelu projector with biases (mlp2x_gelu) is supported")
-    tower = VisionTower(llava.model.vision_tower, llava_config.vision_feature_layer, "patch")
+    hf_processor = AutoProcessor.from_pretrained(path, backend="pil")
+    image_size = pixel_side(hf_processor.image_processor) or llava_config.vision_config.image_size
+    tower = VisionTower(llava.model.vision_tower, llava_config.vision_feature_layer, "patch", image_size)
     select = {"default": "patch", "full": "cls_patch" if tower.prefix_tokens else "patch"}
     if llava_config.vision_feature_select_strategy == "default" and tower.prefix_tokens != 1:
         raise ValueError("cannot import: 'default' drops a token this tower does not have")
@@ -122,19 +129,17 @@ def import_llava(path: str | Path, device: str | torch.device | None = None,
                                                    | {llava_config.image_token_id})
     llm.requires_grad_(False)
 
-    hf_processor = AutoProcessor.from_pretrained(path, backend="pil")
-    image_size = llava_config.vision_config.image_size
     config = ModelConfig(
         vision_tower=str(path), language_model=str(path), projector="mlp2x_gelu",
         vision_feature_layer=llava_config.vision_feature_layer, vision_feature_select=tower.select,
         image_size=None, image_aspect=_aspect_of(hf_processor.image_processor),
         image_token=hf_processor.image_token, dtype=str(projector.linear_1.weight.dtype).removeprefix("torch."),
         image_token_id=llava_config.image_token_id,
-        tokens_per_image=tower.tokens_per_image(image_size),
+        tokens_per_image=tower.tokens_per_image(image_size), split_at_images=False,  # LlavaProcessor's rule
     )
     model = VLM(config, tower, projector, llm)
     if device is not None:
         model.to(device)
     processor = VLMProcessor(hf_processor.tokenizer, hf_processor.image_processor, config.tokens_per_image,
-                             config.image_token, None, config.image_aspect)
+                             config.image_token, None, config.image_aspect, config.split_at_images)
     return model, processor

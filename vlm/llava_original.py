@@ -251,6 +251,15 @@ def load_language_model(lm_config: LlamaConfig, state: dict[str, torch.Tensor], 
                                        quantization_config=quantization)
 
 
+def _legacy_default(root: Path) -> dict:
+    """LLaVA's transformers (4.3x) read a Llama tokenizer config without ``legacy`` as legacy; transformers 5
+    reads it as not, which changes the ids after every special token."""
+    tokenizer_config = root / "tokenizer_config.json"
+    if tokenizer_config.is_file() and "legacy" in json.loads(tokenizer_config.read_text()):
+        return {}
+    return {"legacy": True}
+
+
 def _assemble(config: ModelConfig, root: Path, tower: VisionTower, language_model: PreTrainedModel,
               projector_state: dict[str, torch.Tensor], load_in_4bit: bool,
               device: str | torch.device | None) -> tuple[VLM, VLMProcessor]:
@@ -258,9 +267,7 @@ def _assemble(config: ModelConfig, root: Path, tower: VisionTower, language_mode
     from vlm.data.templates import resolve_chat_template
 
     # The LM's config, lest transformers read LLaVA's config.json as some other model's.
-    tokenizer = load_tokenizer(str(root), config.image_token, config=language_model.config)
-    if hasattr(tokenizer, "legacy"):  # transformers 5 saves without it, and a reload splits text after <s> otherwise
-        tokenizer.init_kwargs["legacy"] = tokenizer.legacy
+    tokenizer = load_tokenizer(str(root), config.image_token, config=language_model.config, **_legacy_default(root))
     tokenizer.chat_template = resolve_chat_template(config.chat_template)  # Vicuna ships none
     _make_room_for(language_model, len(tokenizer))
     config.image_token_id = tokenizer.convert_tokens_to_ids(config.image_token)

@@ -14,9 +14,9 @@ from torch import nn
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel, TextStreamer
 
 from vlm.config import ModelConfig
-from vlm.processor import VLMProcessor, load_image_processor, load_tokenizer
+from vlm.processor import VLMProcessor, load_image_processor, load_tokenizer, pixel_side
 from vlm.projector import build_projector, projected_tokens
-from vlm.vision import VisionTower, load_vision_encoder
+from vlm.vision import FusedTower, VisionTower, load_vision_encoder
 
 try:  # transformers renamed generate's past_key_values to cache (5.24 warns on the old name)
     from transformers.generation.utils import ALL_CACHE_NAMES
@@ -47,45 +47,54 @@ class VLM(nn.Module):
             head.register_forward_pre_hook(_dense_rows)
 
     # ---- images -> visual tokens -> embeddings ------------------------------------------------
-    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Visual tokens ``[images, tokens_per_image, llm_width]`` for a batch of images."""
-        features = self.vision_tower(pixel_values)
-        return self.projector(features.to(self.projector_dtype))
+    def image_features(self, pixel_values: torch.Tensor,
+                       spatial_shapes: torch.Tensor | None = None) -> torch.Tensor | list[torch.Tensor]:
+        """Visual tokens ``[images, tokens_per_image, llm_width]`` (NaFlex: a list, ``[tokens_i, llm_width]`` each)."""
+        return self._project(self.vision_tower(pixel_values, spatial_shapes))
+
+    def _project(self, features: torch.Tensor | list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+        if isinstance(features, torch.Tensor):
+            return self.projector(features.to(self.projector_dtype))
+        return [self.projector(image[None].to(self.projector_dtype))[0] for image in features]  # ragged: one by one
 
     @property
     def projector_dtype(self) -> torch.dtype:
         return next(self.projector.parameters()).dtype
 
     def embed_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-                     vision_features: torch.Tensor | None = None, start: int = 0) -> torch.Tensor:
+                     vision_features: torch.Tensor | list[torch.Tensor] | None = None, start: int = 0,
+                     spatial_shapes: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings with the ``<image>`` slots from position ``start`` on overwritten by visual tokens.
 
-        ``vision_features`` (the tower's output ``[images, patches, width]``, e.g. from a feature cache)
-        replaces running the tower. Slots before ``start`` are already in a KV cache and are left alone.
+        ``vision_features`` (the tower's output ``[images, patches, width]``, or a list of ``[patches_i, width]``
+        for a NaFlex tower, e.g. from a feature cache) replaces running the tower; ``spatial_shapes`` goes with
+        NaFlex pixels. Images fill the slots in order. Slots before ``start`` are already in a KV cache.
         """
         embeds = self.language_model.get_input_embeddings()(input_ids)
         slots = input_ids == self.config.image_token_id
         slots[:, :start] = False
         if vision_features is None and pixel_values is not None:
-            vision_features = self.vision_tower(pixel_values)
-        image_embeds = None if vision_features is None else self.projector(vision_features.to(self.projector_dtype))
+            vision_features = self.vision_tower(pixel_values, spatial_shapes)
+        image_embeds = [] if vision_features is None else list(self._project(vision_features))
+        counts = [image.shape[0] for image in image_embeds]
         n_slots = int(slots.sum())
-        n_images = 0 if image_embeds is None else image_embeds.shape[0]
-        n_features = 0 if image_embeds is None else image_embeds.shape[0] * image_embeds.shape[1]
-        if n_slots != n_features:
+        if n_slots != sum(counts):
             per_image = self.config.tokens_per_image
+            given = f" ({', '.join(map(str, counts))} each)" if len(set(counts)) > 1 else ""
             raise ValueError(f"input_ids hold {n_slots} image-token slots ({n_slots / per_image:g} image(s) at "
-                             f"{per_image} tokens each) but {n_images} image(s) gave {n_features} visual tokens")
+                             f"{per_image} tokens each) but {len(counts)} image(s) gave {sum(counts)} visual "
+                             f"tokens{given}")
         if n_slots:
-            embeds = embeds.masked_scatter(slots.unsqueeze(-1), image_embeds.to(embeds.dtype))
+            embeds = embeds.masked_scatter(slots.unsqueeze(-1), torch.cat(image_embeds).to(embeds.dtype))
         return embeds
 
     # ---- forward and generation ------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                vision_features: torch.Tensor | None = None, **kwargs):
+                vision_features: torch.Tensor | list[torch.Tensor] | None = None,
+                spatial_shapes: torch.Tensor | None = None, **kwargs):
         """Returns the LM's output (``loss`` when ``labels`` are given, ``logits``, ``past_key_values``)."""
-        embeds = self.embed_inputs(input_ids, pixel_values, vision_features)
+        embeds = self.embed_inputs(input_ids, pixel_values, vision_features, spatial_shapes=spatial_shapes)
         if labels is not None:  # a visual token is never a target
             labels = labels.masked_fill(input_ids == self.config.image_token_id, -100)
         return self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **kwargs)
@@ -93,7 +102,7 @@ class VLM(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  pixel_values: torch.Tensor | None = None, vision_features: torch.Tensor | None = None,
-                 past_key_values=None, **generate_kwargs):
+                 past_key_values=None, spatial_shapes: torch.Tensor | None = None, **generate_kwargs):
         """Hugging Face ``generate`` over the joined embeddings: the tower runs once, the KV cache does the rest.
 
         Returns what ``generate`` returns: sequences that start with ``input_ids``. Passing the
@@ -101,7 +110,7 @@ class VLM(nn.Module):
         re-encoding what the cache holds, the image included.
         """
         cached = past_key_values.get_seq_length() if past_key_values is not None else 0
-        embeds = self.embed_inputs(input_ids, pixel_values, vision_features, start=cached)
+        embeds = self.embed_inputs(input_ids, pixel_values, vision_features, start=cached, spatial_shapes=spatial_shapes)
         if past_key_values is not None:  # only when continuing
             generate_kwargs[_CACHE_ARGUMENT] = past_key_values
         return self.language_model.generate(input_ids=input_ids, inputs_embeds=embeds, attention_mask=attention_mask,
@@ -126,7 +135,8 @@ class VLM(nn.Module):
         same = torch.stack([r[:shortest] for r in rows]).eq(rows[0][:shortest]).all(0)
         prefix = int(same.long().cumprod(0).sum().clamp(max=shortest - 1))  # every row keeps a token to run
         slots_after = any(bool((r[prefix:] == self.config.image_token_id).any()) for r in rows)
-        if prefix == 0 or slots_after or pixel_values is None or len(pixel_values) != len(rows):
+        ragged = generate_kwargs.get("spatial_shapes") is not None  # NaFlex pixels: plain generate
+        if prefix == 0 or slots_after or ragged or pixel_values is None or len(pixel_values) != len(rows):
             return _new_tokens(self.generate(input_ids=input_ids, attention_mask=attention_mask,
                                              pixel_values=pixel_values, **generate_kwargs), input_ids.shape[1])
         distinct: list[torch.Tensor] = []
@@ -181,11 +191,15 @@ class VLM(nn.Module):
         config = ModelConfig(**vars(self.config))
         config.adapter = adapter
         if full:
-            self.vision_tower.encoder.save_pretrained(out / "vision_tower")
-            processor.image_processor.save_pretrained(out / "vision_tower")
+            towers = getattr(self.vision_tower, "towers", [self.vision_tower])
+            folders = ["vision_tower"] if len(towers) == 1 else [f"vision_tower/{k}" for k in range(len(towers))]
+            for tower, image_processor, folder in zip(towers, processor.image_processors, folders, strict=True):
+                tower.encoder.save_pretrained(out / folder)
+                image_processor.save_pretrained(out / folder)
             self.language_model.save_pretrained(out / "language_model")
             processor.tokenizer.save_pretrained(out / "language_model")
-            config.vision_tower, config.language_model = "vision_tower", "language_model"
+            config.vision_tower = folders[0] if len(folders) == 1 else folders
+            config.language_model = "language_model"
         save_file({k: v.contiguous() for k, v in self.projector.state_dict().items()}, out / PROJECTOR_FILE)
         config.to_json_file(out / "config.json")
 
@@ -310,7 +324,7 @@ def _component(root: Path | None, reference: str, what: str) -> str:
     """Where a tower or LM lives; a folder the config declares (inside ``root``, or a local path) must exist."""
     resolved = _resolve(root, reference)
     if resolved == reference and not Path(reference).exists():
-        if root is not None and reference in COMPONENT_DIRS:
+        if root is not None and reference.split("/")[0] in COMPONENT_DIRS:
             raise ModelFolderError(f"{root / 'config.json'} declares its {what} in {root / reference}, which is "
                                    "missing")
         if Path(reference).is_absolute() or reference.startswith((".", "~")):
@@ -380,11 +394,18 @@ def build_vlm(config: ModelConfig, root: str | Path | None = None, load_in_4bit:
             raise ModelFolderError(f"{root / 'config.json'} declares a LoRA adapter but {root / ADAPTER_DIR} holds "
                                    "none (adapter_config.json): the stage-2 result is incomplete")
     dtype = _torch_dtype(config.dtype)
-    tower_path = _component(root, config.vision_tower, "vision tower")
+    tower_names = config.vision_tower if isinstance(config.vision_tower, list) else [config.vision_tower]
+    tower_paths = [_component(root, name, "vision tower") for name in tower_names]
     llm_path = _component(root, config.language_model, "language model")
 
-    tower = VisionTower(load_complete(load_vision_encoder, tower_path, dtype=dtype), config.vision_feature_layer,
-                        config.vision_feature_select)
+    image_processors = [load_image_processor(path) for path in tower_paths]
+    towers = [VisionTower(load_complete(load_vision_encoder, path, dtype=dtype), config.vision_feature_layer,
+                          config.vision_feature_select, pixel_side(image_processor))
+              for path, image_processor in zip(tower_paths, image_processors, strict=True)]
+    tower = towers[0] if len(towers) == 1 else FusedTower(towers, config.image_size)
+    if tower.naflex and (config.image_size or config.projector == "merge2x2_mlp"):
+        raise ValueError("a NaFlex tower keeps each image's shape within its patch budget: leave model.image_size "
+                         "unset and use a projector other than merge2x2_mlp (odd patch grids)")
     original = _original_llava_folder(llm_path)  # a stage-2 result trained from an original LLaVA folder
     tokenizer = load_tokenizer(llm_path, config.image_token, **({"config": original.config} if original else {}))
     if config.chat_template:  # e.g. vicuna_v1: Vicuna's tokenizer carries no template of its own
@@ -430,8 +451,10 @@ def build_vlm(config: ModelConfig, root: str | Path | None = None, load_in_4bit:
     model = VLM(config, tower, projector, language_model)
     if device is not None and not load_in_4bit:
         model.to(device)
-    processor = VLMProcessor(tokenizer, load_image_processor(tower_path), config.tokens_per_image,
-                             config.image_token, config.image_size, config.image_aspect)
+    variable = tower.variable_tokens and config.projector != "query_pool_mlp"  # query pooling fixes the count
+    processor = VLMProcessor(tokenizer, image_processors if len(towers) > 1 else image_processors[0],
+                             config.tokens_per_image, config.image_token, config.image_size, config.image_aspect,
+                             config.split_at_images, variable)
     return model, processor
 
 

@@ -23,12 +23,20 @@ class VLMProcessor:
     """Callable like a transformers processor: ``processor(images=..., text=..., return_tensors="pt")``."""
 
     def __init__(self, tokenizer, image_processor, tokens_per_image: int, image_token: str = "<image>",
-                 image_size: int | None = None, image_aspect: str = "pad", split_at_images: bool = True) -> None:
-        """``split_at_images=False`` tokenizes the whole expanded string, as Hugging Face's LlavaProcessor does."""
+                 image_size: int | None = None, image_aspect: str = "pad", split_at_images: bool = True,
+                 variable_tokens: bool = False) -> None:
+        """``split_at_images=False`` tokenizes the whole expanded string, as Hugging Face's LlavaProcessor does.
+
+        ``image_processor``: a list for fused towers (one preprocessing each). ``variable_tokens``: a NaFlex
+        tower, each image's ``<image>`` becomes as many slots as its own patches (``tokens_per_image`` at most).
+        """
         self.tokenizer = tokenizer
         self.split_at_images = split_at_images
-        self.image_processor = image_processor
+        self.image_processors = list(image_processor) if isinstance(image_processor, (list, tuple)) else [image_processor]
+        self.image_processor = self.image_processors[0]
         self.tokens_per_image = tokens_per_image
+        self.variable_tokens = variable_tokens
+        self.naflex = "spatial_shapes" in getattr(self.image_processor, "model_input_names", ())
         self.image_token = image_token
         self.image_aspect = image_aspect
         self.image_size = image_size
@@ -44,10 +52,9 @@ class VLMProcessor:
     @property
     def pad_fill(self) -> tuple[int, int, int]:
         """LLaVA's padding colour, ``int(mean * 255)`` (truncated, as LLaVA and HF Llava compute it)."""
-        mean = self.image_processor.image_mean
-        return tuple(int(m * 255) for m in (mean if isinstance(mean, (list, tuple)) else [mean] * 3))
+        return _pad_fill(self.image_processor)
 
-    def pixel_rule(self, aspect: str | None = None) -> dict:
+    def pixel_rule(self, aspect: str | None = None, image_processor=None) -> dict:
         """The image processor settings (size, centre crop) that give ``aspect``; export writes these for Llava.
 
         ``crop``: resize the short side, then centre-crop (CLIP's and LLaVA's own rule; a processor that resizes
@@ -57,7 +64,7 @@ class VLMProcessor:
         aspect = aspect or self.image_aspect
         if aspect not in IMAGE_ASPECTS:
             raise ValueError(f"image_aspect={aspect!r} is not one of {', '.join(IMAGE_ASPECTS)}")
-        processor = self.image_processor
+        processor = image_processor or self.image_processor
         crop_size = _size_dict(getattr(processor, "crop_size", None))
         crops = bool(getattr(processor, "do_center_crop", False)) and bool(crop_size)
         size = _size_dict(processor.size)
@@ -73,18 +80,60 @@ class VLMProcessor:
         return own if not self.image_size else (to_crop if crops else to_square)
 
     def preprocess_images(self, images: Sequence[ImageInput], aspect: str | None = None) -> torch.Tensor:
-        """Pixel values ``[images, 3, side, side]``; ``aspect`` overrides ``image_aspect`` for this call."""
-        aspect = aspect or self.image_aspect
-        settings = self.pixel_rule(aspect)
-        pictures = [load_image(i) if isinstance(i, (str, Path)) else i.convert("RGB") for i in images]
-        if aspect == "pad":
-            pictures = [expand_to_square(picture, self.pad_fill) for picture in pictures]
-        if getattr(self.image_processor, "do_pad", False):  # Llava's processor pads itself: padding is ours to decide
-            settings["do_pad"] = False
-        return self.image_processor(pictures, return_tensors="pt", **settings)["pixel_values"]
+        """Pixel values ``[images, 3, side, side]``; ``aspect`` overrides ``image_aspect`` for this call.
 
-    def expand_image_tokens(self, text: str) -> str:
-        return text.replace(self.image_token, self.image_token * self.tokens_per_image)
+        Fused towers: ``[images, 3 * towers, side, side]``, each tower's pixels at its own side, top-left.
+        NaFlex: ``[images, patches, 3 * patch * patch]``; its shapes come from :meth:`preprocess` only.
+        """
+        return self.preprocess(images, aspect)["pixel_values"]
+
+    def preprocess(self, images: Sequence[ImageInput], aspect: str | None = None) -> dict[str, torch.Tensor]:
+        """``pixel_values``, and for a NaFlex tower ``spatial_shapes`` ``[images, 2]`` (patch rows, columns)."""
+        pictures = [load_image(i) if isinstance(i, (str, Path)) else i.convert("RGB") for i in images]
+        if self.naflex:  # NaFlex keeps each picture's aspect ratio within its patch budget: no pad, crop or resize
+            out = self.image_processor(pictures, return_tensors="pt")
+            return {"pixel_values": out["pixel_values"], "spatial_shapes": out["spatial_shapes"]}
+        per_tower = [self._pixels(pictures, aspect, processor) for processor in self.image_processors]
+        if len(per_tower) == 1:
+            return {"pixel_values": per_tower[0]}
+        side = max(pixels.shape[-1] for pixels in per_tower)
+        canvas = torch.zeros(len(pictures), 3 * len(per_tower), side, side, dtype=per_tower[0].dtype)
+        for k, pixels in enumerate(per_tower):
+            canvas[:, 3 * k:3 * k + 3, :pixels.shape[-2], :pixels.shape[-1]] = pixels
+        return {"pixel_values": canvas}
+
+    def _pixels(self, pictures: list[Image.Image], aspect: str | None, image_processor) -> torch.Tensor:
+        aspect = aspect or self.image_aspect
+        settings = self.pixel_rule(aspect, image_processor)
+        if aspect == "pad":
+            pictures = [expand_to_square(picture, _pad_fill(image_processor)) for picture in pictures]
+        if getattr(image_processor, "do_pad", False):  # Llava's processor pads itself: padding is ours to decide
+            settings["do_pad"] = False
+        return image_processor(pictures, return_tensors="pt", **settings)["pixel_values"]
+
+    def image_tokens(self, spatial_shapes: torch.Tensor | None, images: int) -> list[int]:
+        """Slots per image, in order: its own patches for a NaFlex tower, else ``tokens_per_image`` each."""
+        if self.variable_tokens and spatial_shapes is not None:
+            return spatial_shapes.prod(-1).tolist()
+        return [self.tokens_per_image] * images
+
+    def image_tokens_for(self, width: int, height: int) -> int:
+        """Slots of one picture of this size, from its header alone (a preflight's length count)."""
+        if not self.variable_tokens:
+            return self.tokens_per_image
+        from transformers.models.siglip2.image_processing_pil_siglip2 import (
+            get_image_size_for_max_num_patches,
+        )
+
+        patch = self.image_processor.patch_size
+        rows, columns = get_image_size_for_max_num_patches(height, width, patch, self.image_processor.max_num_patches)
+        return (rows // patch) * (columns // patch)
+
+    def expand_image_tokens(self, text: str, image_tokens: Sequence[int] | None = None) -> str:
+        counts = iter(image_tokens or [])
+        chunks = text.split(self.image_token)
+        return chunks[0] + "".join(self.image_token * next(counts, self.tokens_per_image) + chunk
+                                   for chunk in chunks[1:])
 
     def __call__(self, images: ImageInput | Sequence | None = None, text: str | Sequence[str] | None = None,
                  return_tensors: str = "pt", padding: bool | str = True, **tokenizer_kwargs) -> BatchFeature:
@@ -94,32 +143,39 @@ class VLMProcessor:
         if placeholders != len(flat_images):
             raise ValueError(f"the text has {placeholders} {self.image_token} placeholder(s) but "
                              f"{len(flat_images)} image(s) were given")
-        encoded = self._tokenize(texts, return_tensors, padding, **tokenizer_kwargs)
-        data = dict(encoded)
-        if flat_images:
-            data["pixel_values"] = self.preprocess_images(flat_images)
+        data = self.preprocess(flat_images) if flat_images else {}
+        counts = iter(self.image_tokens(data.get("spatial_shapes"), len(flat_images)))
+        per_text = [[next(counts) for _ in range(t.count(self.image_token))] for t in texts]
+        data.update(self._tokenize(texts, return_tensors, padding, per_text, **tokenizer_kwargs))
         return BatchFeature(data, tensor_type=return_tensors)
 
-    def encode(self, text: str, add_special_tokens: bool | None = None) -> list[int]:
-        """The token ids of one text, each ``<image>`` as ``tokens_per_image`` slots (see :func:`tokenize_with_images`)."""
-        return self.encode_with_offsets(text, add_special_tokens, offsets=False)[0]
+    def encode(self, text: str, add_special_tokens: bool | None = None,
+               image_tokens: Sequence[int] | None = None) -> list[int]:
+        """The token ids of one text, each ``<image>`` as ``tokens_per_image`` slots (:func:`tokenize_with_images`).
 
-    def encode_with_offsets(self, text: str, add_special_tokens: bool | None = None,
-                            offsets: bool = True) -> tuple[list[int], list[tuple[int, int]]]:
+        ``image_tokens``: slots for each ``<image>`` in order (NaFlex: :meth:`image_tokens` of its pixels).
+        """
+        return self.encode_with_offsets(text, add_special_tokens, offsets=False, image_tokens=image_tokens)[0]
+
+    def encode_with_offsets(self, text: str, add_special_tokens: bool | None = None, offsets: bool = True,
+                            image_tokens: Sequence[int] | None = None) -> tuple[list[int], list[tuple[int, int]]]:
         """Token ids and each token's character span in ``text`` (an image's slots all span its placeholder)."""
         tokenize = tokenize_with_images if self.split_at_images else _tokenize_whole
         ids, spans = tokenize(self.tokenizer, text, self.image_token, add_special_tokens, offsets)
-        slotted_ids, slotted_spans = [], []
+        image_id, slotted_ids, slotted_spans = self.image_token_id, [], []
+        counts = iter(image_tokens or [])
         for k, token in enumerate(ids):
-            count = self.tokens_per_image if token == self.image_token_id else 1
+            count = next(counts, self.tokens_per_image) if token == image_id else 1
             slotted_ids += [token] * count
             slotted_spans += [spans[k]] * count if offsets else []
         return slotted_ids, slotted_spans
 
-    def _tokenize(self, texts: list[str], return_tensors: str, padding: bool | str, **kwargs):
-        """One row per text, padded; ``add_special_tokens`` as the tokenizer takes it, other keywords go to ``pad``."""
+    def _tokenize(self, texts: list[str], return_tensors: str, padding: bool | str,
+                  image_tokens: list[list[int]] | None = None, **kwargs):
+        """One row per text, padded; ``add_special_tokens`` as the tokenizer takes it, the rest goes to ``pad``."""
         special = kwargs.pop("add_special_tokens", None)
-        rows = [{"input_ids": self.encode(text, special)} for text in texts]
+        rows = [{"input_ids": self.encode(text, special, counts)}
+                for text, counts in zip(texts, image_tokens or [None] * len(texts), strict=True)]
         return self.tokenizer.pad(rows, padding=padding, return_tensors=return_tensors, **kwargs)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
@@ -192,6 +248,20 @@ def _tokenize_whole(tokenizer, text: str, _image_token: str, add_special_tokens:
         add_special_tokens = not (tokenizer.bos_token and text.startswith(tokenizer.bos_token))
     encoded = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=offsets)
     return encoded["input_ids"], [tuple(span) for span in encoded["offset_mapping"]] if offsets else []
+
+
+def pixel_side(image_processor) -> int | None:
+    """The side of the square an image processor's own rule produces (its crop, else its size); None for NaFlex."""
+    crop = _size_dict(getattr(image_processor, "crop_size", None))
+    size = _size_dict(getattr(image_processor, "size", None))
+    if getattr(image_processor, "do_center_crop", False) and crop:
+        return crop["height"]
+    return size.get("height") or size.get("shortest_edge")
+
+
+def _pad_fill(image_processor) -> tuple[int, int, int]:
+    mean = image_processor.image_mean
+    return tuple(int(m * 255) for m in (mean if isinstance(mean, (list, tuple)) else [mean] * 3))
 
 
 def load_image_processor(name_or_path: str, **kwargs):

@@ -24,7 +24,10 @@ class ChatSession:
     def __init__(self, model: VLM, processor: VLMProcessor, image: Image.Image | None,
                  max_new_tokens: int = 256, temperature: float = 0.0, system: str | None = None) -> None:
         self.model, self.processor = model, processor
-        self.pixel_values = processor.preprocess_images([image]) if image is not None else None
+        images = processor.preprocess([image]) if image is not None else {}
+        self.pixel_values = images.get("pixel_values")
+        self.spatial_shapes = images.get("spatial_shapes")  # NaFlex towers: the picture's own patch grid
+        self.image_tokens = processor.image_tokens(self.spatial_shapes, 1) if image is not None else None
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
         self.token_ids: torch.Tensor | None = None  # everything the model has seen or said
@@ -36,7 +39,7 @@ class ChatSession:
         """The tokens of ``rendered`` after the text already seen, as tokenizing it whole gives them."""
         if self.token_ids is None or self.seen is None or not rendered.startswith(self.seen):
             return None
-        ids, spans = self.processor.encode_with_offsets(rendered)
+        ids, spans = self.processor.encode_with_offsets(rendered, image_tokens=self.image_tokens)
         seam = len(self.seen)
         before = sum(start < seam for start, _ in spans)
         if any(end > seam for _, end in spans[:before]) or any(start < seam for start, _ in spans[before:]):
@@ -53,7 +56,7 @@ class ChatSession:
             token_ids = torch.cat([self.token_ids, tail], dim=1)
         else:
             self.full_reencodes += self.token_ids is not None
-            token_ids = torch.tensor([self.processor.encode(rendered)])
+            token_ids = torch.tensor([self.processor.encode(rendered, image_tokens=self.image_tokens)])
             pixel_values, cache = self.pixel_values, None
         device = self.model.device
         streamer = CallbackStreamer(self.processor.tokenizer, on_text) if on_text else None
@@ -61,6 +64,7 @@ class ChatSession:
         output = self.model.generate(
             input_ids=token_ids.to(device), attention_mask=torch.ones_like(token_ids, device=device),
             pixel_values=None if pixel_values is None else pixel_values.to(device),
+            **({} if pixel_values is None or self.spatial_shapes is None else {"spatial_shapes": self.spatial_shapes.to(device)}),
             past_key_values=cache, max_new_tokens=self.max_new_tokens, streamer=streamer,
             return_dict_in_generate=True, pad_token_id=self.processor.tokenizer.pad_token_id, **sampling)
         self.token_ids = output.sequences.cpu()

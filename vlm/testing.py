@@ -20,14 +20,22 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
+    BitImageProcessorPil,
     CLIPConfig,
     CLIPImageProcessorPil,
     CLIPModel,
     CLIPVisionConfig,
     CLIPVisionModel,
+    Dinov2Config,
+    Dinov2Model,
+    Dinov2WithRegistersConfig,
+    Dinov2WithRegistersModel,
     LlamaConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Siglip2ImageProcessorPil,
+    Siglip2VisionConfig,
+    Siglip2VisionModel,
     SiglipImageProcessorPil,
     SiglipVisionConfig,
     SiglipVisionModel,
@@ -35,6 +43,8 @@ from transformers import (
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]  # DINOv2's
+TOWER_FAMILIES = ("clip", "siglip", "dinov2", "dinov2_registers", "siglip2_naflex")
 
 # ChatML (Qwen2) and Llama-3 style templates: two different end-of-turn conventions, so code that
 # builds loss masks from a rendering is exercised on more than one shape.
@@ -129,14 +139,35 @@ def tiny_lm(out_dir: str | Path, family: str = "llama", vocab_size: int = 384, h
 
 def tiny_tower(out_dir: str | Path, family: str = "clip", image_size: int = 56, patch_size: int = 14,
                hidden_size: int = 32, layers: int = 3, full_clip: bool = False, seed: int = 0) -> Path:
-    """A small CLIP or SigLIP vision tower plus its image processor, saved as a hub-style folder.
+    """A small vision tower of one of ``TOWER_FAMILIES`` plus its image processor, saved as a hub-style folder.
 
-    ``full_clip`` saves a whole CLIPModel (text tower too), the shape of openai/clip-vit-*.
+    ``full_clip`` saves a whole CLIPModel (text tower too), the shape of openai/clip-vit-*. DINOv2's config
+    says a larger side than its processor crops to (518 vs 224 in facebook/dinov2-*): here one patch more.
+    ``siglip2_naflex``: SigLIP 2's NaFlex tower, a budget of ``(image_size // patch_size) ** 2`` patches.
     """
     out_dir = Path(out_dir)
     vision = dict(hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=layers,
                   num_attention_heads=4, image_size=image_size, patch_size=patch_size)
     torch.manual_seed(seed)
+    if family in ("dinov2", "dinov2_registers"):
+        vision.update(image_size=image_size + patch_size, mlp_ratio=2)
+        del vision["intermediate_size"]
+        if family == "dinov2":
+            Dinov2Model(Dinov2Config(**vision)).save_pretrained(out_dir)
+        else:
+            Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**vision, num_register_tokens=4)).save_pretrained(out_dir)
+        BitImageProcessorPil(size={"shortest_edge": image_size * 8 // 7}, crop_size={"height": image_size,
+                             "width": image_size}, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD,
+                             do_convert_rgb=True).save_pretrained(out_dir)
+        return out_dir
+    if family == "siglip2_naflex":
+        budget = (image_size // patch_size) ** 2
+        del vision["image_size"]
+        Siglip2VisionModel(Siglip2VisionConfig(**vision, num_patches=budget)).save_pretrained(out_dir)
+        Siglip2ImageProcessorPil(patch_size=patch_size, max_num_patches=budget).save_pretrained(out_dir)
+        return out_dir
+    if family not in TOWER_FAMILIES:
+        raise ValueError(f"tiny_tower family {family!r} is not one of {', '.join(TOWER_FAMILIES)}")
     if family == "siglip":
         SiglipVisionModel(SiglipVisionConfig(**vision)).save_pretrained(out_dir)
         SiglipImageProcessorPil(size={"height": image_size, "width": image_size}).save_pretrained(out_dir)

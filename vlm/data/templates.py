@@ -119,8 +119,12 @@ def images_first(messages: list[dict], image_token: str) -> list[dict]:
 
 
 def tokenize(messages: list[dict], tokenizer, template: str, image_token: str,
-             tokens_per_image: int) -> tuple[list[int], list[int]]:
-    """Token ids with each image token expanded to ``tokens_per_image`` slots, and labels (-100: no loss)."""
+             tokens_per_image: int | list[int]) -> tuple[list[int], list[int]]:
+    """Token ids with each image token expanded to ``tokens_per_image`` slots, and labels (-100: no loss).
+
+    A list gives each image, in order, its own count (towers that keep the aspect ratio, e.g. NaFlex).
+    """
+    counts = iter(tokens_per_image) if isinstance(tokens_per_image, list) else None
     image_id = tokenizer.convert_tokens_to_ids(image_token)
     text, replies = render(images_first(messages, image_token), tokenizer, template, image_token)
     tokens, spans = tokenize_with_images(tokenizer, text, image_token, offsets=True)
@@ -129,7 +133,7 @@ def tokenize(messages: list[dict], tokenizer, template: str, image_token: str,
     ids: list[int] = []
     labels: list[int] = []
     for token, keep in zip(tokens, supervised, strict=True):
-        count = tokens_per_image if token == image_id else 1
+        count = 1 if token != image_id else next(counts) if counts is not None else tokens_per_image
         ids += [token] * count
         labels += [token if keep else IGNORE] * count
     return ids, labels
@@ -160,7 +164,7 @@ def fit(ids: list[int], labels: list[int], image_id: int, max_length: int,
     return ids, labels
 
 
-def encode(messages: list[dict], tokenizer, template: str, image_token: str, tokens_per_image: int,
+def encode(messages: list[dict], tokenizer, template: str, image_token: str, tokens_per_image: int | list[int],
            max_length: int, on_too_long: str = "skip") -> tuple[list[int], list[int]]:
     """Token ids and labels of a conversation, within ``max_length`` (see :func:`tokenize`, :func:`fit`)."""
     ids, labels = tokenize(messages, tokenizer, template, image_token, tokens_per_image)

@@ -466,6 +466,10 @@ def save_tower(model: Contrastive, spec: TowerSpec, out_dir: str | Path) -> Path
     model.clip.save_pretrained(out_dir)
     image_processor(spec).save_pretrained(out_dir)
     save_file(model.heads.state_dict(), Path(out_dir) / HEADS_FILE)
+    if model.loss == "siglip":  # the sigmoid's bias is not a CLIPModel weight: vlm.zeroshot reads it here
+        from vlm.zeroshot import write_settings
+
+        write_settings(out_dir, "sigmoid", model.logit_bias.item())
     return Path(out_dir)
 
 

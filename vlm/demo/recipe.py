@@ -361,6 +361,38 @@ def save_fp16(model, processor, out: Path) -> None:
     staging.rename(out)
 
 
+def keep_text_tower(tower: Path, tokenizer_dir: Path, vision_dir: Path) -> None:
+    """Make the saved model's ``vision_tower`` the whole CLIPModel, so that ``python -m vlm.zeroshot`` can score
+    labels with its text half; the VLM still reads only the vision half (``vlm.vision.load_vision_encoder``).
+
+    The vision weights stay the saved VLM's own (fp16); the text half is ``tower``'s, with the tokenizer it was
+    trained on, made to end each text with eos as ``contrastive.tokenize_captions`` did (the text half pools there).
+    """
+    from tokenizers import processors
+    from transformers import CLIPModel
+
+    from vlm.model import load_complete
+    from vlm.vision import load_vision_encoder
+    from vlm.zeroshot import SETTINGS_FILE
+
+    whole = load_complete(CLIPModel.from_pretrained, tower, dtype=torch.float32)
+    encoder = load_complete(load_vision_encoder, str(vision_dir))
+    whole.vision_model.load_state_dict(getattr(encoder, "vision_model", encoder).state_dict())  # nested or not
+    del encoder  # its tensors may map the file about to be rewritten
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
+    if len(tokenizer) > whole.config.text_config.vocab_size:
+        raise ValueError(f"{tokenizer_dir} holds {len(tokenizer)} tokens, the text tower of {tower} only "
+                         f"{whole.config.text_config.vocab_size}: not the tokenizer it was trained with")
+    eos = tokenizer.eos_token
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"$A {eos}", special_tokens=[(eos, tokenizer.eos_token_id)])
+    tokenizer.padding_side = "right"
+    whole.to(torch.float16).save_pretrained(vision_dir)
+    tokenizer.save_pretrained(vision_dir)
+    if (tower / SETTINGS_FILE).is_file():  # how it scores (SigLIP's loss: sigmoid and its bias), where the tower says
+        shutil.copy(tower / SETTINGS_FILE, vision_dir / SETTINGS_FILE)
+
+
 def folder_megabytes(path: Path) -> float:
     return round(sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20, 2)
 
@@ -541,6 +573,7 @@ def run_stages(recipe: Recipe, out: Path, budget: Budget, spec: TowerSpec, heads
         merge(str(stage2), str(work / "merged"))
         model, processor = load_pretrained(work / "merged")
         save_fp16(model, processor, out)
+        keep_text_tower(work / "tower", work / "lm", out / "vision_tower")
         metrics["model_megabytes"] = folder_megabytes(out)
 
     with recipe.step("eval_after_stage2"):
