@@ -22,14 +22,14 @@ def main(argv: list[str] | None = None) -> int:
     from vlm.model import build_vlm, load_pretrained
 
     try:
+        if args.workers is not None and args.workers < 1:
+            raise ValueError(f"--workers={args.workers} must be at least 1")
         config = load_config(args.config, args.overrides)
         if not config.data.path:
             raise ValueError("data.path is not set")
         records = load_records(config.data.path, image_column=config.data.image_column)
         # The processor decides the token counts; building the model is how it is known exactly.
         _, processor = load_pretrained(config.init_from) if config.init_from else build_vlm(config.model)
-        if args.workers is not None and args.workers < 1:
-            raise ValueError(f"--workers={args.workers} must be at least 1")
         report = check_records(records, processor, config.data, workers=args.workers, decode=args.decode)
     except (DataError, FileNotFoundError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)

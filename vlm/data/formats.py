@@ -23,7 +23,7 @@ from PIL import Image, UnidentifiedImageError
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 DATASET_SUFFIXES = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv"}
-CHUNK = 64 << 20  # bytes scanned at a time when indexing a file: memory stays flat with its size
+CHUNK = 16 << 20  # bytes scanned at a time when indexing a file: memory stays flat with its size
 _SPACE = re.compile(r"[ \t\n\r]*")
 
 
@@ -108,28 +108,37 @@ def _utf8_error(path: Path, data, position: int) -> DataError:
 
 
 def _index_lines(path: Path, data, start: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Byte spans and line numbers of the non-blank lines, found chunk by chunk (checked to be UTF-8 on the way)."""
+    """Byte spans and line numbers of the non-blank lines, found chunk by chunk (checked to be UTF-8 on the way).
+    The file is read, not touched through the mapping, so indexing leaves none of it resident."""
     starts, ends, numbers, lines_before = [], [], [], 0
-    size = len(data)
-    while start < size:
-        stop = size if start + CHUNK >= size else data.rfind(b"\n", start, start + CHUNK) + 1 or size
-        chunk = data[start:stop]
-        try:
-            chunk.decode("utf-8")
-        except UnicodeDecodeError as error:
-            raise _utf8_error(path, data, start + error.start) from None
-        array = np.frombuffer(chunk, dtype=np.uint8)
-        breaks = np.flatnonzero(array == 10)
-        line_starts = np.concatenate([[0], breaks + 1])
-        line_ends = np.concatenate([breaks, [len(chunk)]])
-        keep = line_ends > line_starts
-        for i in np.flatnonzero(keep)[np.isin(array[line_starts[keep]], (9, 13, 32))]:
-            keep[i] = bool(chunk[line_starts[i]:line_ends[i]].strip())  # rare: a line that starts with a blank
-        starts.append(line_starts[keep] + start)
-        ends.append(line_ends[keep] + start)
-        numbers.append((np.flatnonzero(keep) + lines_before + 1).astype(np.int32))
-        lines_before += len(breaks)
-        start = stop
+    with open(path, "rb") as stream:
+        stream.seek(start)
+        pending = b""
+        while True:
+            block = stream.read(CHUNK)
+            if block and b"\n" not in block:  # a line longer than a chunk: read on
+                pending += block
+                continue
+            cut = len(pending) + block.rfind(b"\n") + 1 if block else len(pending)
+            chunk, pending = (pending + block)[:cut], (pending + block)[cut:]
+            if not chunk:
+                break
+            try:
+                chunk.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise _utf8_error(path, data, start + error.start) from None
+            array = np.frombuffer(chunk, dtype=np.uint8)
+            breaks = np.flatnonzero(array == 10)
+            line_starts = np.concatenate([[0], breaks + 1])
+            line_ends = np.concatenate([breaks, [len(chunk)]])
+            keep = line_ends > line_starts
+            for i in np.flatnonzero(keep)[np.isin(array[line_starts[keep]], (9, 13, 32))]:
+                keep[i] = bool(chunk[line_starts[i]:line_ends[i]].strip())  # rare: a line that starts with a blank
+            starts.append(line_starts[keep] + start)
+            ends.append(line_ends[keep] + start)
+            numbers.append((np.flatnonzero(keep) + lines_before + 1).astype(np.int32))
+            lines_before += len(breaks)
+            start += len(chunk)
     if not starts:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int32)
     return np.concatenate(starts), np.concatenate(ends), np.concatenate(numbers)

@@ -187,7 +187,7 @@ def check_records(records: Sequence[Record], processor: VLMProcessor, data: Data
     first_of: dict[str, int] = {}
     try:
         with tqdm(total=total, desc="preflight", unit="record", leave=False) as progress:
-            for (start, _), outcomes in zip(chunks, results):
+            for (start, _), outcomes in zip(chunks, results, strict=True):
                 for index, (record_id, outcome) in enumerate(outcomes, start):
                     if record_id in first_of:  # duplicates are judged in file order, whoever checked them
                         report.problems["duplicate_id"].append(
