@@ -354,3 +354,24 @@ def test_llava_recipe_crops_stage1_pictures_pads_stage2_and_truncates_long_recor
     stage2 = load_config(yaml_file, overrides)
     assert (stage2.stage, stage2.data.template, stage2.data.image_aspect) == ("instruct", "chat", None)
     assert stage2.data.on_too_long == "truncate" and stage2.data.path.endswith("llava_v1_5_mix665k.json")
+
+
+def test_collate_joins_equal_features_as_one_tensor_and_keeps_ragged_ones_a_flat_list():
+    from vlm.data.dataset import collate
+
+    ids = {"input_ids": torch.tensor([5, 6]), "labels": torch.tensor([-100, 6])}
+    fixed = [{"id": "a", **ids, "vision_features": torch.randn(1, 4, 8)},
+             {"id": "b", **ids, "vision_features": torch.randn(2, 4, 8)}]
+    batch = collate(fixed, pad_token_id=0)
+    assert torch.equal(batch["vision_features"], torch.cat([s["vision_features"] for s in fixed]))
+    assert batch["spatial_shapes"] is None and batch["pixel_values"] is None
+    # A NaFlex tower's cached features: one record with a 15-token image, one with a 12- and a 15-token image.
+    ragged = [{"id": "a", **ids, "vision_features": torch.randn(1, 15, 8)},
+              {"id": "b", **ids, "vision_features": [torch.randn(12, 8), torch.randn(15, 8)]}]
+    batch = collate(ragged, pad_token_id=0)
+    assert [len(image) for image in batch["vision_features"]] == [15, 12, 15]
+    assert torch.equal(batch["vision_features"][2], ragged[1]["vision_features"][1])
+    pixels = [{"id": "a", **ids, "pixel_values": torch.randn(1, 16, 588), "spatial_shapes": torch.tensor([[5, 3]])},
+              {"id": "b", **ids, "pixel_values": torch.randn(2, 16, 588), "spatial_shapes": torch.tensor([[2, 6], [4, 4]])}]
+    batch = collate(pixels, pad_token_id=0)
+    assert batch["spatial_shapes"].tolist() == [[5, 3], [2, 6], [4, 4]] and batch["pixel_values"].shape == (3, 16, 588)

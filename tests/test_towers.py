@@ -1,6 +1,8 @@
 """Every tower family on a tiny random-weight model: prefix tokens known from the model, features equal to the
 encoder's own hidden state at the selected layer, slots matching tokens, generation, training, save/load, export."""
 
+import json
+
 import pytest
 import torch
 from PIL import Image
@@ -201,3 +203,86 @@ def test_training_samples_take_each_pictures_own_slot_count(parts):
     image_id = processor.image_token_id
     runs = [len(run) for run in "".join("x" if t == image_id else " " for t in ids).split()]
     assert runs == [15, 12] and all(label == -100 for token, label in zip(ids, labels, strict=True) if token == image_id)
+
+
+def _naflex_data(root) -> tuple:
+    """Pictures of two shapes (a tall 5x3 and a wide 2x6 patch grid: 15 and 12 slots), as caption and chat records."""
+    from pathlib import Path
+
+    root = Path(root)
+    (root / "images").mkdir(parents=True)
+    captions, chats = [], []
+    for index, picture in enumerate(_pictures() * 2):
+        picture.save(root / "images" / f"{index}.png")
+        captions.append({"id": f"c{index}", "image": f"images/{index}.png", "conversations": [
+            {"from": "human", "value": "<image>\ndescribe it ."}, {"from": "gpt", "value": f"the gauge reads {index}"}]})
+        chats.append({"id": f"q{index}", "image": f"images/{index}.png", "conversations": [
+            {"from": "human", "value": "<image>\nwhat is the asset code ?"}, {"from": "gpt", "value": "KX-4821"},
+            {"from": "human", "value": "is the fault lamp on ?"}, {"from": "gpt", "value": "yes"}]})
+    (root / "captions.json").write_text(json.dumps(captions))
+    (root / "instruct.json").write_text(json.dumps(chats))
+    return root / "captions.json", root / "instruct.json"
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_naflex_trains_both_stages_with_differently_shaped_pictures_in_one_batch(tmp_path, towers, parts, cached):
+    """train(): each batch of 4 holds both grids (15 and 12 visual tokens), as pixels or as cached features."""
+    import math
+
+    from accelerate.utils import set_seed
+    from safetensors.torch import load_file
+
+    from vlm.config import load_config
+    from vlm.train.loop import train
+
+    captions, instruct = _naflex_data(tmp_path / "data")
+    common = [f"model.vision_tower={towers['siglip2_naflex']}", f"model.language_model={parts['llama']}",
+              f"data.image_folder={tmp_path / 'data'}", "seed=0", "train.warmup_ratio=0", "train.batch_size=4",
+              "train.max_steps=2", "train.lr=5e-3", f"data.cache_features={str(cached).lower()}"]
+    stage1_config = load_config(None, [*common, "stage=align", f"data.path={captions}", "data.template=plain",
+                                       f"output_dir={tmp_path / 's1'}"])
+    set_seed(0)
+    initial = build_vlm(stage1_config.model)[0].projector.state_dict()
+    stage1 = train(stage1_config)
+    stage2 = train(load_config(None, [*common, "stage=instruct", f"init_from={stage1}", f"data.path={instruct}",
+                                      "train.lora_r=4", "train.lora_alpha=8", f"output_dir={tmp_path / 's2'}"]))
+    projectors = [initial, load_file(stage1 / "projector.safetensors"), load_file(stage2 / "projector.safetensors")]
+    for before, after in zip(projectors, projectors[1:]):
+        assert any(not torch.equal(before[name], after[name]) for name in before)
+    for out in ("s1", "s2"):
+        losses = [h["loss"] for h in json.loads((tmp_path / out / "history.json").read_text())]
+        assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
+    if cached:  # each picture's features stored at its own length
+        from vlm.data.cache import FeatureCache
+
+        cache = FeatureCache(next(p for p in (tmp_path / "s1" / "feature_cache").iterdir()))
+        assert sorted({len(cache[key]) for key in cache.index}) == [12, 15]
+
+
+def test_naflex_preflight_length_is_the_encoded_samples_own(tmp_path, towers, parts):
+    """The preflight counts each picture's slots from its header (an EXIF-turned JPEG too) as the sample has them."""
+    from vlm.config import DataConfig
+    from vlm.data.dataset import VLMDataset, collate
+    from vlm.data.formats import load_records
+    from vlm.data.preflight import check_records
+
+    captions, _ = _naflex_data(tmp_path)
+    exif = Image.Image().getexif()
+    exif[0x0112] = 6  # stored 300x100, shown turned to 100x300
+    _pictures()[1].save(tmp_path / "images" / "turned.jpg", exif=exif)
+    records = json.loads(captions.read_text())
+    records.append({**records[0], "id": "turned", "image": "images/turned.jpg"})
+    captions.write_text(json.dumps(records))
+    _, processor = build_vlm(ModelConfig(vision_tower=str(towers["siglip2_naflex"]),
+                                         language_model=str(parts["llama"])))
+    data = DataConfig(path=str(captions), image_folder=str(tmp_path), template="plain")
+    loaded = load_records(captions)
+    report = check_records(loaded, processor, data)
+    dataset = VLMDataset(loaded, processor, data, report.lengths)
+    samples = [dataset[i] for i in range(len(dataset))]
+    assert [len(s["input_ids"]) for s in samples] == [report.lengths[i] for i in range(len(records))]
+    slots = [int((s["input_ids"] == processor.image_token_id).sum()) for s in samples]
+    assert slots == [15, 12, 15, 12, 6 * 2]  # the turned picture is tall: 6 rows of 2
+    batch = collate(samples, processor.tokenizer.pad_token_id)
+    assert batch["spatial_shapes"].tolist() == [[5, 3], [2, 6], [5, 3], [2, 6], [6, 2]]
+    assert batch["pixel_values"].shape[0] == 5

@@ -83,6 +83,9 @@ def test_stage1_then_stage2_lower_the_loss_and_train_only_their_parts(tmp_path, 
                            "train.lora_r=8", "train.lora_alpha=16", "train.lora_dropout=0", "train.max_steps=12"))
     losses = _losses(tmp_path / "s2")
     assert sum(losses[-3:]) / 3 < losses[0]
+    peak = max(json.loads((tmp_path / "s2" / "history.json").read_text()), key=lambda h: h["lr"])
+    assert peak["lr"] == pytest.approx(3e-3, rel=0.05)  # the LM's rate, logged after a step of its cosine
+    assert peak["lr"] / peak["projector_lr"] == pytest.approx(3.0)
     tuned, _ = load_pretrained(stage2)
     state = _state(tuned)
     lora = [k for k in state if "lora_" in k]

@@ -47,8 +47,10 @@ def weights_digest(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def fingerprint(model_config, tower: torch.nn.Module, image_processor_config: dict, aspect: str | None = None) -> str:
-    """``aspect``: the training pictures' (data.image_aspect) where it differs from the model's."""
+def fingerprint(model_config, tower: torch.nn.Module, image_processor_config: dict | list[dict],
+                aspect: str | None = None) -> str:
+    """``image_processor_config``: a list for fused towers, one per tower; ``aspect``: the training pictures'
+    (data.image_aspect) where it differs from the model's."""
     shape = {"tower": tower.config.to_dict(), "weights": weights_digest(tower), "pixels": image_processor_config,
              "layer": model_config.vision_feature_layer, "select": model_config.vision_feature_select,
              "size": model_config.image_size, "aspect": aspect or model_config.image_aspect,
@@ -57,7 +59,8 @@ def fingerprint(model_config, tower: torch.nn.Module, image_processor_config: di
 
 
 class FeatureCache:
-    """``cache[content_key] -> [patches, width]`` tensor, read lazily from memory-mapped shards."""
+    """``cache[content_key] -> [patches, width]`` tensor (NaFlex: each image's own patches), read lazily from
+    memory-mapped shards."""
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
@@ -87,8 +90,10 @@ class FeatureCache:
 
     @classmethod
     def folder_for(cls, model, processor, root: str | Path, aspect: str | None = None) -> Path:
-        return Path(root) / fingerprint(model.config, model.vision_tower.encoder, processor.image_processor.to_dict(),
-                                        aspect)
+        settings = [image_processor.to_dict() for image_processor in processor.image_processors]
+        # One tower keeps its bare dict, so caches written before fused towers existed are still found.
+        pixels = settings[0] if len(settings) == 1 else settings
+        return Path(root) / fingerprint(model.config, model.vision_tower.encoder, pixels, aspect)
 
     @classmethod
     @torch.no_grad()
@@ -118,9 +123,10 @@ class FeatureCache:
                         continue
                 if not keys:
                     continue
-                pixels = processor.preprocess_images(pictures, aspect=aspect).to(model.device)
-                features = model.vision_tower(pixels).cpu()
-                pending.update(zip(keys, features, strict=True))
+                inputs = {k: v.to(model.device) for k, v in processor.preprocess(pictures, aspect=aspect).items()}
+                features = model.vision_tower(inputs["pixel_values"], inputs.get("spatial_shapes"))
+                # A NaFlex tower gives each image its own length: each is stored as it is.
+                pending.update((key, image.cpu()) for key, image in zip(keys, features, strict=True))
                 if len(pending) >= SHARD_IMAGES:
                     cache.add(pending)
                     pending = {}

@@ -63,23 +63,33 @@ class VLMDataset(Dataset):
                 out.write(json.dumps(failure) + "\n")
 
     def _sample(self, index: int) -> dict:
+        """Ids, labels and the images; each ``<image>`` gets its own picture's slots (NaFlex: its patch grid)."""
         record = self.records[index]
-        ids, labels = encode(record.messages, self.processor.tokenizer, self.data.template, self.processor.image_token,
-                             self.processor.tokens_per_image, self.data.max_length,
-                             "truncate" if self.data.on_too_long == "truncate" else "skip")
-        sample = {"id": record.id, "input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
+        sample: dict = {"id": record.id}
+        counts: int | list[int] = self.processor.tokens_per_image
         if record.images and self.cache is not None:
             if any(key not in self.cache for key in self.image_keys[index]):
                 raise ImageError(f"an image of record {record.id} failed to decode when the feature cache was built")
-            sample["vision_features"] = torch.stack([self.cache[key] for key in self.image_keys[index]])
+            features = [self.cache[key] for key in self.image_keys[index]]
+            if self.processor.variable_tokens:  # a NaFlex tower's features are as long as the image's slots
+                counts = [len(image) for image in features]
+            sample["vision_features"] = torch.stack(features) if len({f.shape for f in features}) == 1 else features
         elif record.images:
             pictures = [open_record_image(image, self.data.image_folder) for image in record.images]
-            sample["pixel_values"] = self.processor.preprocess_images(pictures, aspect=self.data.image_aspect)
+            images = self.processor.preprocess(pictures, aspect=self.data.image_aspect)
+            counts = self.processor.image_tokens(images.get("spatial_shapes"), len(pictures))
+            sample.update(images)
+        ids, labels = encode(record.messages, self.processor.tokenizer, self.data.template, self.processor.image_token,
+                             counts, self.data.max_length, "truncate" if self.data.on_too_long == "truncate" else "skip")
+        sample.update(input_ids=torch.tensor(ids), labels=torch.tensor(labels))
         return sample
 
 
 def collate(samples: list[dict], pad_token_id: int) -> dict:
-    """Right-pad ids (labels with -100) and stack the images of every sample, in order."""
+    """Right-pad ids (labels with -100) and join the images of every sample, in order.
+
+    ``vision_features`` of different lengths (a NaFlex tower's, from the cache) stay a flat list, one per image.
+    """
     width = max(len(s["input_ids"]) for s in samples)
     input_ids = torch.full((len(samples), width), pad_token_id, dtype=torch.long)
     labels = torch.full((len(samples), width), -100, dtype=torch.long)
@@ -89,9 +99,12 @@ def collate(samples: list[dict], pad_token_id: int) -> dict:
         input_ids[row, :n], labels[row, :n], attention_mask[row, :n] = sample["input_ids"], sample["labels"], 1
     batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
              "ids": [s["id"] for s in samples]}
-    for key in ("pixel_values", "vision_features"):
+    for key in ("pixel_values", "spatial_shapes"):
         found = [s[key] for s in samples if key in s]
         batch[key] = torch.cat(found) if found else None
+    features = [image for s in samples if "vision_features" in s for image in s["vision_features"]]
+    same = len({image.shape for image in features}) == 1
+    batch["vision_features"] = (torch.stack(features) if same else features) if features else None
     return batch
 
 

@@ -14,6 +14,7 @@ every resume and the next run on the same data read it instead of checking again
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import multiprocessing
 import os
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 
 import numpy as np
+from PIL import Image
 from tqdm.auto import tqdm
 
 from vlm.config import DataConfig
@@ -39,6 +41,7 @@ CHUNK = 256  # records per task handed to a worker process
 PARALLEL_FROM = 2048  # fewer records are checked in this process: starting workers would cost more
 # Bumped whenever a check changes, so reports cached by an older version are not read.
 PREFLIGHT_VERSION = 1
+EXIF_ORIENTATION = 0x0112
 
 
 @dataclass
@@ -112,14 +115,34 @@ def check_paths(record: Record, data: DataConfig) -> None:
                                                           "(set data.allow_outside_paths=true to allow it)")
 
 
-def check_images(record: Record, image_folder: str, decode: bool = False) -> None:
-    """Each image's header (``decode``: its whole body too, ~100x slower)."""
+def check_images(record: Record, image_folder: str, decode: bool = False,
+                 sizes: bool = False) -> list[tuple[int, int]]:
+    """Each image's header (``decode``: its whole body too, ~100x slower); ``sizes``: returns each picture's
+    (width, height) as training will see it (a NaFlex tower's slots follow it)."""
+    found = []
     for image in record.images:
         try:
-            (open_record_image if decode else probe_record_image)(image, image_folder)
+            if decode:
+                found.append(open_record_image(image, image_folder).size)
+            else:
+                probe_record_image(image, image_folder)
+                if sizes:
+                    found.append(_header_size(image, image_folder))
         except ImageError as error:
             kind = "missing_image" if "does not exist" in str(error) else "corrupt_image"
             raise SampleError(kind, str(error)) from None
+    return found
+
+
+def _header_size(image, image_folder: str) -> tuple[int, int]:
+    """(width, height) from the header (of an image the probe passed), turned as ``open_record_image`` turns it:
+    a file's EXIF orientation 5-8 swaps the sides."""
+    if isinstance(image, Image.Image):
+        return image.size
+    with Image.open(io.BytesIO(image) if isinstance(image, bytes) else Path(image_folder) / image) as opened:
+        width, height = opened.size
+        turned = not isinstance(image, bytes) and opened.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+    return (height, width) if turned else (width, height)
 
 
 def check_record(record: Record, processor: VLMProcessor, data: DataConfig, decode: bool = False) -> tuple[int, bool]:
@@ -128,9 +151,10 @@ def check_record(record: Record, processor: VLMProcessor, data: DataConfig, deco
     check_roles(record)
     check_placeholders(record, processor.image_token)
     check_paths(record, data)
-    check_images(record, data.image_folder, decode)
-    ids, labels = tokenize(record.messages, processor.tokenizer, data.template, processor.image_token,
-                           processor.tokens_per_image)
+    sizes = check_images(record, data.image_folder, decode, sizes=processor.variable_tokens)
+    counts = [processor.image_tokens_for(*size) for size in sizes] if processor.variable_tokens \
+        else processor.tokens_per_image
+    ids, labels = tokenize(record.messages, processor.tokenizer, data.template, processor.image_token, counts)
     fitted, _ = fit(ids, labels, processor.image_token_id, data.max_length,
                     "truncate" if data.on_too_long == "truncate" else "skip")
     return len(fitted), len(fitted) < len(ids)
@@ -230,7 +254,9 @@ def preflight_key(processor: VLMProcessor, data: DataConfig, data_digest: str) -
              "template": data.template, "max_length": data.max_length, "on_too_long": data.on_too_long,
              "image_token": processor.image_token, "tokens_per_image": processor.tokens_per_image,
              "tokenizer": tokenizer_digest(processor.tokenizer)}
-    return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
+    if processor.variable_tokens:  # a NaFlex tower's slots per image follow its patch size and budget
+        shape["pixels"] = processor.image_processor.to_dict()
+    return hashlib.sha256(json.dumps(shape, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def save_report(report: PreflightReport, folder: Path, key: str) -> None:

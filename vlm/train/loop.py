@@ -47,7 +47,7 @@ PREFLIGHT_DIR = "preflight_cache"  # under data.cache_dir, else output_dir: repo
 # Settings a resume may change: they change where things go or what is shown, not what is computed.
 FREE_ON_RESUME = {"resume", "overwrite", "output_dir", "train.save_every", "train.log_every", "train.log_with",
                   "data.num_workers", "data.cache_features", "data.cache_dir"}
-MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values", "vision_features")
+MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values", "vision_features", "spatial_shapes")
 
 
 def train(config: Config) -> Path:
@@ -116,8 +116,10 @@ def train(config: Config) -> Path:
             step += 1
             samples_seen += samples * world
             rate = samples_seen / (time.perf_counter() - started)
-            lr = scheduler.get_last_lr()[0]
-            history.append({"step": step, "loss": loss, "lr": lr, "seconds": round(seconds_before + time.perf_counter() - started, 3)})
+            rates = scheduler.get_last_lr()  # [projector] or [projector, LM]: "lr" is the LM's when it trains
+            lr = rates[-1]
+            history.append({"step": step, "loss": loss, "lr": lr, **({"projector_lr": rates[0]} if len(rates) > 1 else {}),
+                            "seconds": round(seconds_before + time.perf_counter() - started, 3)})
             progress.update(1)
             progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_per_s=f"{rate:.1f}")
             if config.train.log_with:
