@@ -248,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "data_results.json")
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run in a minute, no measurement")
     parser.add_argument("--only-memory", action="store_true", help="re-measure the memory rows only (into --out)")
+    parser.add_argument("--skip-memory", action="store_true", help="keep --out's memory rows, re-measure the rest")
     parser.add_argument("--probe", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.probe:  # one measurement in this fresh process
@@ -288,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.only_memory and args.out.is_file():
         result = {**json.loads(args.out.read_text()), "memory": []}
+    kept = json.loads(args.out.read_text()).get("memory", []) if args.skip_memory and args.out.is_file() else []
 
     def save() -> None:  # after every section: a run cut short keeps what it measured
         result["seconds"] = time.perf_counter() - started
@@ -295,8 +297,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.only_memory:
         measure_runs(args, work, full, cores, sizes, result, save)
-    result["memory"] = []
-    for size in sizes:
+    result["memory"] = kept
+    for size in [] if args.skip_memory else sizes:
         path = work / f"records_{size}.jsonl"
         write_records(path, size, args.images)
         result["memory"].append(in_subprocess("memory", str(work), str(path)))
@@ -304,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
               f"({result['memory'][-1]['data_mb']:.0f} MB over the process before the data, "
               f"{result['memory'][-1]['anon_data_mb']:.0f} MB of it not the mapped file)")
         save()
+    save()
     print(f"wrote {args.out}")
     return 0
 

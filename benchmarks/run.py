@@ -18,6 +18,7 @@ import operator
 import resource
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -52,7 +53,8 @@ BANDWIDTH_CONVENTION = ("floor tokens/s = bytes READ per second (a large tensor 
                         "when tied to lm_head, else one row - plus the K and V of every layer at the mean "
                         "decode context)")
 LLAVA_LABELS = ("vlm.VLM.generate", "LlavaForConditionalGeneration.generate")
-GROUPS = ("first_turn", "second_turn", "token_cut", "batched_eval", "training", "bf16")
+GROUPS = ("first_turn", "second_turn", "token_cut", "batched_eval", "training", "bf16")  # rows of --out
+ALL_GROUPS = (*GROUPS, "data")  # data (benchmarks/data.py, into data_results.json beside --out): only when named
 DEMO_PROJECTOR = load_config(ROOT / "configs" / "demo-align.yaml").model.projector
 MEMORY_CONVENTION = ("peak RSS of the call (Linux VmHWM, reset through /proc/self/clear_refs after malloc_trim "
                      "before it) minus the RSS before it: working memory beyond the weights already loaded")
@@ -658,8 +660,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="wall: elapsed time; cpu: this process's CPU time, steadier on a shared machine "
                              "(use with --threads 1)")
     parser.add_argument("--only", default=None, metavar="GROUPS",
-                        help=f"comma-separated groups to re-measure ({', '.join(GROUPS)}); the other groups' rows "
-                             "are kept from the existing --out file (each row is a same-run ratio on its own)")
+                        help=f"comma-separated groups to re-measure ({', '.join(ALL_GROUPS)}); the other groups' "
+                             "rows are kept from the existing --out file (each row is a same-run ratio on its own); "
+                             "data runs benchmarks/data.py into data_results.json beside --out")
     parser.add_argument("--bf16", choices=("auto", "on", "off"), default="auto",
                         help="auto: run bf16 rows only if a bf16 matmul is at least half as fast as fp32")
     return parser.parse_args(argv)
@@ -671,14 +674,19 @@ def main(argv: list[str] | None = None) -> int:
     if repeats < 1 or (args.threads is not None and args.threads < 1):
         print("error: --repeats and --threads must be at least 1", file=sys.stderr)
         return 2
-    only = GROUPS if args.only is None else tuple(g.strip() for g in args.only.split(",") if g.strip())
-    unknown = [g for g in only if g not in GROUPS]
-    if unknown or not only:
-        print(f"error: --only takes groups from {', '.join(GROUPS)} (got {args.only!r})", file=sys.stderr)
+    chosen = GROUPS if args.only is None else tuple(g.strip() for g in args.only.split(",") if g.strip())
+    unknown = [g for g in chosen if g not in ALL_GROUPS]
+    if unknown or not chosen:
+        print(f"error: --only takes groups from {', '.join(ALL_GROUPS)} (got {args.only!r})", file=sys.stderr)
         return 2
-    if only != GROUPS and not args.out.is_file():
+    only = tuple(g for g in GROUPS if g in chosen)
+    if only and only != GROUPS and not args.out.is_file():
         print(f"error: --only keeps the other groups' rows from {args.out}, which does not exist", file=sys.stderr)
         return 2
+    if "data" in chosen and (code := run_data(args.out.with_name("data_results.json"), args.quick)):
+        return code
+    if not only:
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as scratch:
@@ -688,6 +696,13 @@ def main(argv: list[str] | None = None) -> int:
                             train_samples=8 if args.quick else 64, train_batch=4 if args.quick else 8,
                             bf16=args.bf16, clock=args.clock, workdir=workdir)
         return run(settings, args.out, only)
+
+
+def run_data(out: Path, quick: bool) -> int:
+    """The data pipeline suite (benchmarks/data.py: 665K records, or a smoke run in a scratch folder)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        command = [sys.executable, str(ROOT / "benchmarks" / "data.py"), "--out", str(out)]
+        return subprocess.run([*command, "--quick", "--workdir", scratch] if quick else command).returncode
 
 
 def run(settings: Settings, out: Path, only: tuple[str, ...] = GROUPS) -> int:

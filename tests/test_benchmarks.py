@@ -66,3 +66,20 @@ def test_quick_suite_writes_every_row(tmp_path):
     bad = _run("--quick", "--repeats", "0", "--out", str(tmp_path / "bad.json"))
     last = bad.stderr.strip().splitlines()[-1]  # earlier lines, if any, are library import notices
     assert bad.returncode == 2 and last.startswith("error: ") and "--repeats" in last and "Traceback" not in bad.stderr
+
+
+def test_the_data_group_runs_the_data_suite_beside_out(tmp_path):
+    out = tmp_path / "results.json"
+    result = _run("--quick", "--only", "data", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not out.exists()  # only the data group ran: no LLaVA rows, no models built
+    report = json.loads((tmp_path / "data_results.json").read_text())
+    assert report["settings"]["quick"] is True
+    assert [rate["workers"] for rate in report["preflight"]] == sorted({1, report["settings"]["cores"]})
+    assert all(rate["good"] == rate["records"] and rate["cpu_ms_per_record"] > 0 for rate in report["preflight"])
+    runs = report["runs"]
+    assert runs["resumed_from"] == "step_1" and runs["uncached_cpu_s"] > 0 and runs["cached_first_step_s"] > 0
+    assert [row["workers"] for row in report["loader"]] == [0, 1, 2]
+    assert all(row["samples_per_s"] > 0 for row in report["loader"])
+    assert [row["records"] for row in report["memory"]] == [1000, 3000]
+    assert all(row["checked"] and row["peak_mb"] > row["base_mb"] for row in report["memory"])

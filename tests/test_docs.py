@@ -17,12 +17,13 @@ render_docs = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(render_docs)
 
 RESULTS = ["models/demo/results/panels.json", "models/demo/results/inspection.json",
-           "models/demo/results/recipe.json", "benchmarks/results.json"]
+           "models/demo/results/recipe.json", "benchmarks/results.json", "benchmarks/data_results.json"]
 
 
 def copy_tree(tmp_path: Path) -> Path:
     """The docs and results files in a scratch root, to change them freely."""
-    for rel in ["README.md", *(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md")), *RESULTS]:
+    for rel in ["README.md", "benchmarks/README.md", *(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md")),
+                *RESULTS]:
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / rel, tmp_path / rel)
     return tmp_path
@@ -58,6 +59,30 @@ def test_a_changed_result_changes_the_docs_and_check_fails(tmp_path, capsys):
     assert render_docs.main([], root=root) == 0
     assert "| lamp state | 12.34 [" in (root / "docs/demo-model.md").read_text()
     assert "| 7.654 [" in (root / "README.md").read_text()
+    assert render_docs.main(["--check"], root=root) == 0
+
+
+def test_the_data_benchmark_table_follows_its_results_and_projects_to_665k(tmp_path, capsys):
+    root = copy_tree(tmp_path)
+    assert "benchmarks/README.md" in [str(p.relative_to(ROOT)) for p in render_docs.doc_files()]
+    assert render_docs.main(["--check"], root=root) == 0
+    results = json.loads((root / RESULTS[4]).read_text())
+    results["settings"]["records"] = 100_000  # projections scale by 6.65
+    results["runs"].update(uncached_cpu_s=120.0, cached_first_step_s=10.0, resume_next_step_s=4.0)
+    results["preflight"][0]["cpu_ms_per_record"] = 1.2
+    results["loader"][1]["samples_per_s"] = 123.4
+    results["memory"][-1]["peak_mb"] = 2100.0
+    (root / RESULTS[4]).write_text(json.dumps(results))
+    assert render_docs.main(["--check"], root=root) == 1
+    assert "out of date: benchmarks/README.md" in capsys.readouterr().out
+    assert render_docs.main([], root=root) == 0
+    table = (root / "benchmarks/README.md").read_text()
+    assert "1.20 CPU-ms a record (665K: 13.3 CPU-min)" in table
+    assert "| first step, 100K records, preflight not cached | " in table
+    assert "2.0 CPU-min (665K, linear: ~13.3 CPU-min) | <= 15 CPU-min at 665K | pass |" in table
+    assert "| 10.0 s (665K, linear: ~66 s) | <= 60 s | **miss** |" in table
+    assert "| 4.0 s (665K, linear: ~27 s) | <= 60 s | pass |" in table
+    assert " / 123 / " in table and "(1M: 2100 MB in all) | <= 2 GB at 1M | **miss** |" in table
     assert render_docs.main(["--check"], root=root) == 0
 
 

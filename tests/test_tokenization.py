@@ -1,6 +1,9 @@
 """One tokenization rule (LLaVA's tokenizer_image_token) for training, the processor and chat; Hugging Face
 Llava's whole-string rule behind a switch; a Llama tokenizer's legacy setting kept through save and reload."""
 
+import random
+from unittest import mock
+
 import pytest
 from PIL import Image
 from test_llava_preprocess import (
@@ -14,7 +17,7 @@ from test_llava_preprocess import (
 )
 
 from vlm import ModelConfig, VLMProcessor, build_vlm
-from vlm.data.templates import VICUNA_V1, resolve_chat_template
+from vlm.data.templates import IGNORE, VICUNA_V1, _labels, _overlaps, resolve_chat_template
 from vlm.processor import load_image_processor, load_tokenizer, tokenize_with_images
 from vlm.session import ChatSession
 from vlm.testing import tiny_lm
@@ -79,6 +82,31 @@ def test_legacy_survives_save_and_reload(parts, tmp_path, legacy):
     ids = processor.encode(text)
     assert reloaded.encode(text) == ids
     assert tokenize_with_images(again, text)[0] == tokenize_with_images(processor.tokenizer, text)[0]
+
+
+def test_the_label_sweep_equals_checking_every_reply_for_every_token():
+    """The one-sweep labels equal the plain rule (a token carries loss if it overlaps any reply) for tokens of
+    no width, tokens straddling a reply's edge, image tokens and starts that step back."""
+    rng = random.Random(0)
+    for _ in range(300):
+        cuts = sorted(rng.sample(range(1, 80), 2 * rng.randint(0, 3)))
+        replies = list(zip(cuts[::2], cuts[1::2], strict=True))
+        starts = sorted(rng.randrange(80) for _ in range(rng.randint(1, 30)))
+        if rng.random() < 0.3:  # a start that steps back (a tokenizer whose offsets are not in order)
+            starts.insert(rng.randrange(len(starts)), rng.randrange(80))
+        spans = [(start, start + rng.choice([0, 1, 1, 2, 5])) for start in starts]
+        tokens = [rng.choice([7, 8, 9]) for _ in spans]
+        expected = [token if token != 9 and any(_overlaps(span, reply) for reply in replies) else IGNORE
+                    for token, span in zip(tokens, spans, strict=True)]
+        assert _labels(tokens, spans, replies, image_id=9) == expected, (spans, replies)
+
+
+def test_the_leading_space_probe_is_asked_once_per_tokenizer(tmp_path):
+    tokenizer = load_tokenizer(str(write_vicuna_tokenizer(tmp_path, False)))
+    with mock.patch.object(tokenizer, "tokenize", wraps=tokenizer.tokenize) as probe:
+        first = [tokenize_with_images(tokenizer, " a panel<image> reads 42", offsets=True) for _ in range(3)]
+    assert probe.call_count <= 2  # the two probe calls, once: not two for each chunk that starts with a space
+    assert first[0] == first[1] == first[2]
 
 
 @LEGACY

@@ -6,6 +6,7 @@ processor and the chat session alike.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -229,16 +230,23 @@ def tokenize_with_images(tokenizer, text: str, image_token: str = "<image>", add
         encoded = tokenizer(" " * shift + chunk, add_special_tokens=add_special_tokens and not number,
                             return_offsets_mapping=offsets)
         ids += encoded["input_ids"]
-        if offsets:  # the added space's own "▁" keeps one character, as a dummy prefix does; a BOS keeps none
-            spans += [(start + max(a - shift, 0), start + max(b - shift, min(b, shift)))
-                      for a, b in encoded["offset_mapping"]]
+        if offsets and shift:  # the added space's own "▁" keeps one character, as a dummy prefix does; a BOS none
+            spans += [(start + max(a - 1, 0), start + max(b - 1, min(b, 1))) for a, b in encoded["offset_mapping"]]
+        elif offsets:
+            spans += [(start + a, start + b) for a, b in encoded["offset_mapping"]]
         start += len(chunk)
     return ids, spans
 
 
+_DROPS_LEADING_SPACE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> the answer below
+
+
 def _drops_leading_space(tokenizer) -> bool:
-    """Whether a leading space vanishes into the dummy prefix (a sentencepiece Llama in transformers 5)."""
-    return tokenizer.tokenize(" a") == tokenizer.tokenize("a")
+    """Whether a leading space vanishes into the dummy prefix (a sentencepiece Llama in transformers 5); asked
+    once per tokenizer (two tokenizer calls, on the preflight's every record otherwise)."""
+    if tokenizer not in _DROPS_LEADING_SPACE:
+        _DROPS_LEADING_SPACE[tokenizer] = tokenizer.tokenize(" a") == tokenizer.tokenize("a")
+    return _DROPS_LEADING_SPACE[tokenizer]
 
 
 def _tokenize_whole(tokenizer, text: str, _image_token: str, add_special_tokens: bool | None,

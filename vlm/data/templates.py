@@ -128,15 +128,30 @@ def tokenize(messages: list[dict], tokenizer, template: str, image_token: str,
     image_id = tokenizer.convert_tokens_to_ids(image_token)
     text, replies = render(images_first(messages, image_token), tokenizer, template, image_token)
     tokens, spans = tokenize_with_images(tokenizer, text, image_token, offsets=True)
-    supervised = [token != image_id and any(_overlaps(span, reply) for reply in replies)
-                  for token, span in zip(tokens, spans, strict=True)]
-    ids: list[int] = []
-    labels: list[int] = []
-    for token, keep in zip(tokens, supervised, strict=True):
-        count = 1 if token != image_id else next(counts) if counts is not None else tokens_per_image
-        ids += [token] * count
-        labels += [token if keep else IGNORE] * count
-    return ids, labels
+    labels = _labels(tokens, spans, replies, image_id)
+    ids, expanded, at = [], [], 0
+    for _ in range(tokens.count(image_id)):  # each image's slots; the runs between images are copied whole
+        place = tokens.index(image_id, at)
+        count = next(counts) if counts is not None else tokens_per_image
+        ids += tokens[at:place] + [image_id] * count
+        expanded += labels[at:place] + [IGNORE] * count
+        at = place + 1
+    return ids + tokens[at:], expanded + labels[at:]
+
+
+def _labels(tokens: list[int], spans: list[Span], replies: list[Span], image_id: int) -> list[int]:
+    """Each token's label: itself where it overlaps a reply, else IGNORE. One sweep, as token starts and the
+    replies both run left to right (a start that steps back restarts the replies: any order stays right)."""
+    labels, at, previous = [], 0, 0
+    for token, span in zip(tokens, spans, strict=True):
+        if span[0] < previous:
+            at = 0
+        previous = span[0]
+        while at < len(replies) and replies[at][1] <= span[0]:  # disjoint, in order: only the next can overlap
+            at += 1
+        keep = at < len(replies) and token != image_id and _overlaps(span, replies[at])
+        labels.append(token if keep else IGNORE)
+    return labels
 
 
 def _overlaps(span: Span, reply: Span) -> bool:
@@ -158,7 +173,7 @@ def fit(ids: list[int], labels: list[int], image_id: int, max_length: int,
             raise SampleError("too_long", f"{len(ids)} tokens exceed max_length={max_length} and truncating would "
                                           "cut an image")
         ids, labels = ids[:max_length], labels[:max_length]
-    if all(label == IGNORE for label in labels[1:]):  # the first label never counts: nothing predicts it
+    if labels[1:].count(IGNORE) == len(labels) - 1:  # the first label never counts: nothing predicts it
         raise SampleError("no_supervised_tokens", "no token of the sample would carry loss"
                           + (f" after truncation to max_length={max_length}" if truncated else ""))
     return ids, labels
