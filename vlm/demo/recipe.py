@@ -148,31 +148,14 @@ SPEC = TowerSpec(image_size=128, patch_size=8, width=128, layers=6, text_width=6
 QUICK_SPEC = TowerSpec(image_size=128, patch_size=32, width=64, layers=1, text_width=64, text_layers=1, embed_dim=32)
 
 
-# After the tower come distillation, both stages and the evals, on both cores; how long they take follows
-# the machine's speed that day, and the LM's pretraining (a fixed amount of work, on one core beside the
-# tower) measures it first. Builds: 651 s after the tower against 516 s of pretraining (1.26x); on a
-# day when every step ran 40-53% slower, distillation and stage 2 alone 902 s against 726 s (1.24x; about
-# 1.37x with the rest); on a day when two-core work slowed more than one-core work (distillation's steps
-# 1.84x, pretraining 1.34x), 1,083 s against 693 s (1.56x), and at 1.45 that build took 61.4 min; at
-# 1.75 the next took 56.6 (1,107 s against 754 s, 1.47x). Distilling in 4,000 steps instead of 8,000 takes
-# 161 s off those two, which leaves 1.33x and 1.25x; a build with it at 1.5 then ran 839 s after the tower
-# against 735 s (1.14x) and took 55.6 min. 1.35 covers the slowest of those days; at 1.35 one build ran
-# 956 s after the tower against 722 s (1.32x) and took 59.8 min; the next ran 1.46x (about 987 s against
-# 674 s, counting stage 2 at its uncontended pace) and would have taken 61.4 min. Giving the stages files
-# of only the records they draw (``drawn_records``) takes ~70 s off their checks, which leaves that build
-# ~917 s (1.36x): 1.45 covers it with the 60 s to spare that 1.55 left before.
+# What follows the tower (distillation, both stages, evals; both cores) scales with the day's machine speed,
+# which the LM's fixed-size pretraining measures first: measured ratios ran 1.14-1.56x; 1.45 covers the slow
+# days within the hour (measurements: docs/demo-model.md).
 AFTER_TOWER_PER_PRETRAINING_SECOND = 1.45
 
 
-# Stage 2 sizes itself by the clock: its steps took 2.13-2.38x stage 1's in builds 16-24 and 26, and 2.90x in
-# build 25 (both on both cores, back to back, so the day's speed mostly cancels); around its loop come 31-40 s
-# of checks and loading and 12-22 s of merging, saving and the last evaluation. Build 24's after-tower time was
-# 1.61x its pretraining, and stage 2's 1,000 steps took it to 61.9 min: on such a day stage 2 gets the steps
-# the hour has left. At 2.9x build 26 gave it 785 steps and ended 137 s early; at 2.6x build 27 gave it 691
-# steps (they took 2.17x) and ended 88 s early; with the fixed seconds' margin 2.6x would still have kept
-# build 25 inside the hour. Its steps are worth the tower's seconds: on build 24's tower 400 steps instead of
-# 1,000 read 64.0 vs 72.0% of held-out codes (lamps 90.5 vs 91.5, gauge within +/-5 53.5 vs 52.0%), so the
-# time after the tower stays as it was.
+# Stage 2 sizes itself by the clock: its step took 2.1-2.9x stage 1's on both cores, and around its loop come
+# ~75 s of checks, loading, merging and saving; on a slow day it gets the steps the hour has left.
 STAGE2_PER_STAGE1_STEP = 2.6
 STAGE2_FIXED_SECONDS = 75.0
 
@@ -185,13 +168,8 @@ def stage2_steps(budget: Budget, seconds_left: float | None, stage1_history: lis
     return max(1, min(budget.instruct_steps, int((seconds_left - STAGE2_FIXED_SECONDS) / per_step)))
 
 
-# The LM's tuning rounds after its pretraining took 1.73-2.08x the pretraining's time (builds 16-25); with
-# its gate checks, its whole job took 2.92x and 2.90x its pretraining in builds 23 and 25. On such a day the
-# LM ends after the tower's clock limit, and the build waited for it with one core idle (516 and 258 s). So
-# the tower trains on until the LM's predicted end: 1 + 1.75 pretraining times after its start until two
-# rounds have run, then the last round's time (tuning and check) for each round left of the 5 every build
-# has needed. On the first rule alone build 26 still waited 172 s; with both, build 27 waited 2 s (its tower
-# trained 2,456 s where the clock gave ~2,160). Stage 2 fits into what is left.
+# The LM's tuning rounds took 1.7-2.1x its pretraining; when they end after the tower's clock limit, the build
+# would wait with a core idle, so the tower trains on until the LM's predicted end (two rules below).
 LM_TUNING_PER_PRETRAINING_SECOND = 1.75
 LM_ROUNDS = 5
 LM_LAST_CHECK_SECONDS = 30.0  # after the last round: the held-out score from the twins, and saving
