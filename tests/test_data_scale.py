@@ -188,7 +188,7 @@ from vlm.train import loop
 config = load_config(None, sys.argv[2:])
 accelerator = Accelerator(cpu=True)
 model, processor = build_vlm(config.model)
-dataset = loop._dataset(config, model, processor, accelerator)
+dataset = loop._dataset(config, model, processor, accelerator, loop._fingerprint(config.data.path))
 loader = accelerator.prepare(loop._loader(config, dataset, processor, accelerator.num_processes))
 steps = [batch["ids"] for batch in loader]
 Path(sys.argv[1], f"rank{accelerator.process_index}.json").write_text(json.dumps(

@@ -329,8 +329,8 @@ def _component(root: Path | None, reference: str, what: str) -> str:
                                    "missing")
         if Path(reference).is_absolute() or reference.startswith((".", "~")):
             raise ModelFolderError(f"the {what} folder {reference} does not exist")
-    if Path(resolved).is_dir():
-        check_weight_files(resolved)
+    if Path(resolved).is_dir() and (root is None or not Path(resolved).is_relative_to(root)):
+        check_weight_files(resolved)  # a folder inside root was checked with it
     return resolved
 
 

@@ -32,6 +32,7 @@ from vlm.data.cache import FeatureCache, record_image_key
 from vlm.data.dataset import FAILURES_FILE, LengthGroupedSampler, VLMDataset, collate
 from vlm.data.formats import DataError, load_records
 from vlm.data.preflight import SKIPPED_FILE, cached_check, enforce
+from vlm.files import write_atomic
 from vlm.model import ADAPTER_DIR, VLM, build_vlm, load_pretrained
 from vlm.processor import VLMProcessor
 from vlm.train.stages import configure_stage, parameter_groups, trainable_state_dict, trainable_table
@@ -78,7 +79,7 @@ def train(config: Config) -> Path:
     accelerator.print(trainable_table(model))
     _check_room(model, config, output_dir)
 
-    dataset = _dataset(config, model, processor, accelerator)
+    dataset = _dataset(config, model, processor, accelerator, data_digest=run["data"])
     train_config = config.train
     world = accelerator.num_processes
     global_batch = train_config.batch_size * train_config.grad_accum * world
@@ -178,7 +179,8 @@ def _windows(batches, size: int):
         yield window
 
 
-def _dataset(config: Config, model: VLM, processor: VLMProcessor, accelerator: Accelerator) -> VLMDataset:
+def _dataset(config: Config, model: VLM, processor: VLMProcessor, accelerator: Accelerator,
+             data_digest: str | None) -> VLMDataset:
     """Preflight every record, once per data set and settings (each node's first process checks, in worker
     processes; every other rank, a resume and the next run read its cached report); refuse to train over
     too many bad ones; say which ones are skipped."""
@@ -187,7 +189,7 @@ def _dataset(config: Config, model: VLM, processor: VLMProcessor, accelerator: A
         raise ValueError("data.path is not set")
     records = load_records(data.path, image_column=data.image_column)
     folder = Path(data.cache_dir or config.output_dir) / PREFLIGHT_DIR
-    report, checked = cached_check(records, processor, data, folder, _fingerprint(data.path),
+    report, checked = cached_check(records, processor, data, folder, data_digest,
                                    computes=accelerator.is_local_main_process)
     accelerator.print(report.format() + ("" if checked else f"\n  (the report cached in {folder}: not checked again)"))
     skip_ids = enforce(report, data.max_bad_fraction, config.output_dir if accelerator.is_main_process else None,
@@ -485,8 +487,7 @@ def _save_final(accelerator: Accelerator, model, processor: VLMProcessor, config
         if adapter:
             vlm.language_model.save_pretrained(staging / ADAPTER_DIR, save_embedding_layers=False)
         _swap_in(staging, out)
-        (output_dir / ".history.json").write_text(json.dumps(history))
-        os.replace(output_dir / ".history.json", output_dir / HISTORY_FILE)
+        write_atomic(output_dir / HISTORY_FILE, json.dumps(history))
         _plot_loss(history, output_dir / "loss.png")
         accelerator.print(f"saved {out}")
     accelerator.wait_for_everyone()
