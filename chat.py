@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     from safetensors import SafetensorError  # heavy imports after argument errors are reported
 
     from vlm.images import ImageError, load_image
-    from vlm.model import load_pretrained
+    from vlm.loading import load_pretrained
     from vlm.session import ChatSession
 
     if Path(args.image).is_dir():

@@ -138,7 +138,8 @@ def preflight_rate(work: Path, data: Path, count: int, workers: int) -> dict:
     from vlm.config import DataConfig
     from vlm.data.formats import load_records
     from vlm.data.preflight import check_records
-    from vlm.model import ModelConfig, build_vlm
+    from vlm.loading import build_vlm
+    from vlm.model import ModelConfig
 
     _, processor = build_vlm(ModelConfig(vision_tower=str(work / "tower"), language_model=str(work / "lm"),
                                          chat_template="vicuna_v1"))
@@ -167,7 +168,7 @@ def loader_rate(work: Path, data: Path, workers: int, batches: int, batch_size: 
     from vlm.data.dataset import VLMDataset
     from vlm.data.formats import load_records
     from vlm.data.preflight import check_records
-    from vlm.model import build_vlm
+    from vlm.loading import build_vlm
     from vlm.train import loop
 
     config = load_config(ROOT / "configs" / "tiny.yaml", overrides(work, data, work / "loader", f"data.num_workers="
@@ -194,7 +195,7 @@ def memory_probe(work: Path, data: Path) -> dict:
     from vlm.data.dataset import VLMDataset
     from vlm.data.formats import load_records
     from vlm.data.preflight import cached_check
-    from vlm.model import build_vlm
+    from vlm.loading import build_vlm
     from vlm.train import loop
 
     config = load_config(ROOT / "configs" / "tiny.yaml", overrides(work, data, work / "memory"))

@@ -331,14 +331,14 @@ def matmul_gflops(dtype: torch.dtype, size: int = 512, reps: int = 5) -> float:
 
 # ---- training -------------------------------------------------------------------------------------
 def prepare_training(work: Path, quick: bool, samples: int) -> tuple[Path, Path, Path]:
-    """The demo model's shapes (``vlm.demo.recipe``) with random weights, and ``samples`` synthetic panels.
+    """The demo model's shapes (``tools.demo.recipe``) with random weights, and ``samples`` synthetic panels.
 
     Like the demo: panels at the tower's resolution and a tokenizer trained on the panel texts, so
     sequences are as long as the demo's. One stage-2 conversation per panel, so both stages see each
     image once per epoch.
     """
-    from vlm.demo.lm import corpus_texts, lm_config, train_tokenizer
-    from vlm.demo.recipe import QUICK, QUICK_SPEC, SPEC, Budget
+    from tools.demo.lm import corpus_texts, lm_config, train_tokenizer
+    from tools.demo.recipe import QUICK, QUICK_SPEC, SPEC, Budget
     from vlm.synth import write_dataset
 
     budget, spec = (QUICK, QUICK_SPEC) if quick else (Budget(), SPEC)
@@ -359,7 +359,7 @@ def prepare_training(work: Path, quick: bool, samples: int) -> tuple[Path, Path,
 
 
 def training_parts(quick: bool) -> str:
-    from vlm.demo.recipe import QUICK, QUICK_SPEC, SPEC, Budget
+    from tools.demo.recipe import QUICK, QUICK_SPEC, SPEC, Budget
 
     budget, spec = (QUICK, QUICK_SPEC) if quick else (Budget(), SPEC)
     return (f"demo-shaped parts: {spec.image_size}-px/{spec.patch_size} {spec.layers}-layer {spec.width}-wide CLIP, "

@@ -166,7 +166,7 @@ def read_panels(data: Path, limit: int | None) -> list[dict]:
 def predict(model_name: str, data: Path, panels: list[dict], batch_size: int, device: str) -> list[dict]:
     """One record per panel: ``{"id", "image", "report" (None if none is valid), "error"}``."""
     from vlm.images import ImageError, load_image
-    from vlm.model import load_pretrained
+    from vlm.loading import load_pretrained
     from vlm.report import ReportError, ReportGenerator
 
     try:
@@ -218,8 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     except BadInput as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    from vlm.report import REPORT_SCHEMA
-    from vlm.synth.panels import DAMAGE_TYPES
+    from vlm.inspection import DAMAGE_TYPES, REPORT_SCHEMA
 
     metrics = score_reports([p["report"] for p in panels], [r["report"] for r in records], DAMAGE_TYPES)
     failed = [r for r in records if r["error"]]

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from eval.stats import bootstrap_interval, bootstrap_statistic
-from vlm.synth.panels import DAMAGE_TYPES
+from vlm.inspection import DAMAGE_TYPES
 
 # ---- VQA accuracy (VQAv2, VizWiz, TextVQA) -------------------------------------------------------
 

@@ -732,7 +732,7 @@ def _answer(
 ) -> None:
     """Load the model and answer ``todo`` (of ``total``), appending each finished batch to ``answers_path``."""
     from vlm.images import ImageError
-    from vlm.model import load_pretrained
+    from vlm.loading import load_pretrained
 
     try:
         model, processor = load_pretrained(str(args.model), device=args.device, dtype=args.dtype)

@@ -25,7 +25,7 @@ import torch
 from eval.stats import bootstrap_interval
 from vlm.files import write_atomic
 from vlm.images import ImageError, load_image
-from vlm.synth import DAMAGE_TYPES, LAMP_LABELS, LOCATIONS, NOUN
+from vlm.inspection import DAMAGE_TYPES, LAMP_LABELS, LOCATIONS, NOUN
 from vlm.zeroshot import BATCH, ZeroShotError, check_templates, load_zero_shot
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

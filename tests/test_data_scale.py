@@ -182,7 +182,7 @@ import json, sys
 from pathlib import Path
 from accelerate import Accelerator
 from vlm.config import load_config
-from vlm.model import build_vlm
+from vlm.loading import build_vlm
 from vlm.train import loop
 
 config = load_config(None, sys.argv[2:])

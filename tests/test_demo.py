@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from transformers import AutoModelForCausalLM
 
-from vlm.demo.contrastive import (
+from tools.demo.contrastive import (
     GLYPHS,
     HEADS,
     IGNORE,
@@ -40,7 +40,7 @@ from vlm.demo.contrastive import (
     where_loss,
     zero_shot,
 )
-from vlm.demo.lm import (
+from tools.demo.lm import (
     GATE_CATEGORIES,
     cell_question_records,
     compose_damage_embeddings,
@@ -59,7 +59,7 @@ from vlm.demo.lm import (
     train_tokenizer,
     tune_until_it_answers,
 )
-from vlm.demo.recipe import (
+from tools.demo.recipe import (
     AFTER_TOWER_PER_PRETRAINING_SECOND,
     LM_LAST_CHECK_SECONDS,
     LM_ROUNDS,
@@ -78,8 +78,8 @@ from vlm.demo.recipe import (
     stage2_steps,
     tower_seconds,
 )
-from vlm.demo.score import CHAT_CODE_PROMPT, judge, score
-from vlm.demo.twin import (
+from tools.demo.score import CHAT_CODE_PROMPT, judge, score
+from tools.demo.twin import (
     DAMAGE_STATES,
     DAMAGE_WORDS,
     FACT_TOKENS,
@@ -91,7 +91,7 @@ from vlm.demo.twin import (
     twin_token_ids,
     twin_vocabulary,
 )
-from vlm.model import load_pretrained
+from vlm.loading import load_pretrained
 from vlm.processor import load_image_processor
 from vlm.projector import QueryPoolProjector
 from vlm.synth import write_dataset
@@ -720,7 +720,7 @@ def test_tower_starts_as_its_patch_embedding_and_heads_read_the_named_patches():
 
 
 def test_quick_recipe_end_to_end(tmp_path, capsys):
-    from vlm.demo.__main__ import main
+    from tools.demo.__main__ import main
 
     assert main(["build", "--quick", "--out", str(tmp_path / "model"), "--work", str(tmp_path / "work"),
                  "--example", str(tmp_path / "panel.jpg"), "--threads", str(torch.get_num_threads())]) == 0
@@ -768,7 +768,7 @@ def test_quick_recipe_end_to_end(tmp_path, capsys):
 
 
 def test_compare_losses_trains_the_tower_with_each_loss_on_the_same_panels(tmp_path):
-    from vlm.demo.probe import compare_losses
+    from tools.demo.probe import compare_losses
 
     results = compare_losses(tmp_path, QUICK_SPEC, steps=2, n_train=16, n_eval=4, eval_every=1, batch_size=8)
     assert set(results) == {"clip", "siglip"}

@@ -141,7 +141,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, parts, llav
     theirs = load_file(reference / "projector.safetensors")
     assert max((ours[k] - theirs[k]).abs().max().item() for k in ours) <= 1e-6
     assert _losses(out) == pytest.approx(_losses(tmp_path / "straight"), abs=1e-6)
-    # Training seconds run on across the resume: stage 2's pace is read from them (vlm.demo.recipe).
+    # Training seconds run on across the resume: stage 2's pace is read from them (tools.demo.recipe).
     seconds = [h["seconds"] for h in json.loads((out / "history.json").read_text())]
     assert len(seconds) == 8 and seconds == sorted(seconds) and seconds[4] > seconds[3] > 0
 

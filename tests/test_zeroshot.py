@@ -241,9 +241,9 @@ def panel_eval_choices(text: str, category: str) -> list[tuple[str, str]]:
 
 
 def test_demo_save_keeps_the_text_tower_the_vlm_still_reads(tmp_path, pictures):
-    from vlm.demo.contrastive import build_clip, image_processor, tokenize_captions
-    from vlm.demo.lm import corpus_texts, train_tokenizer
-    from vlm.demo.recipe import QUICK_SPEC, keep_text_tower
+    from tools.demo.contrastive import build_clip, image_processor, tokenize_captions
+    from tools.demo.lm import corpus_texts, train_tokenizer
+    from tools.demo.recipe import QUICK_SPEC, keep_text_tower
     from vlm.vision import load_vision_encoder
 
     write_dataset(tmp_path / "data", 3, 5, 128)

@@ -10,7 +10,8 @@ import logging
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 from vlm.config import Config, ModelConfig, load_config
-from vlm.model import VLM, CallbackStreamer, ModelFolderError, build_vlm, load_pretrained
+from vlm.loading import ModelFolderError, build_vlm, load_pretrained
+from vlm.model import VLM, CallbackStreamer
 from vlm.processor import VLMProcessor
 
 __all__ = ["VLM", "CallbackStreamer", "Config", "ModelConfig", "ModelFolderError", "VLMProcessor", "build_vlm",

@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from vlm.hf_llava import ExportError, export_llava
-from vlm.model import load_pretrained
+from vlm.loading import load_pretrained
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vlm.model import load_pretrained
+from vlm.loading import load_pretrained
 
 
 def merge(adapter_dir: str, out_dir: str) -> None:

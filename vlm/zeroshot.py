@@ -141,7 +141,7 @@ def write_settings(folder: str | Path, activation: str, logit_bias: float = 0.0)
 
 def load_zero_shot(tower: str | Path, activation: str | None = None, device: str | torch.device = "cpu") -> ZeroShot:
     """A whole CLIP/SigLIP checkpoint (folder or hub id) ready to score; one-line ZeroShotError otherwise."""
-    from vlm.model import load_complete  # it refuses checkpoints that lack weights, in one line
+    from vlm.loading import load_complete  # it refuses checkpoints that lack weights, in one line
 
     source = tower_path(tower)
     try:

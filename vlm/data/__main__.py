@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)  # the command, --config and overrides in any order
     from vlm.data.formats import DataError, load_records
     from vlm.data.preflight import check_records, enforce
-    from vlm.model import build_vlm, load_pretrained
+    from vlm.loading import build_vlm, load_pretrained
 
     try:
         if args.workers is not None and args.workers < 1:

@@ -1,8 +1,7 @@
 """Inspection reports that always parse: a versioned JSON Schema, and generation constrained by it.
 
-``REPORT_SCHEMA`` describes exactly what ``vlm.synth.panels.make_report`` writes: the same keys in the
-same order, the same vocabularies. ``generate_report(model, processor, image)`` runs ``model.generate``
-under an xgrammar logits processor compiled from the schema, in the layout the stage-2 data teaches
+The schema is ``vlm.inspection.REPORT_SCHEMA``. ``generate_report(model, processor, image)`` runs
+``model.generate`` under an xgrammar logits processor compiled from the schema, in the layout the stage-2 data teaches
 (``json.dumps`` defaults: ``", "`` and ``": "``, keys in schema order). Every string, list and number
 in the schema is bounded, so the longest valid report has a known length; generation gets that many
 new tokens, and even a model of random weights ends with a complete, schema-valid report.
@@ -19,56 +18,10 @@ from collections.abc import Sequence
 import xgrammar as xgr
 from PIL import Image
 
+from vlm.inspection import REPORT_PROMPTS, REPORT_SCHEMA, SCHEMA_VERSION, SEPARATORS
 from vlm.model import VLM
 from vlm.processor import VLMProcessor
-from vlm.synth import REPORT_PROMPTS
-from vlm.synth.panels import (
-    ACTIONS,
-    CODE_LETTERS,
-    DAMAGE_TYPES,
-    LAMP_COLOURS,
-    LAMP_LABELS,
-    LOCATIONS,
-    SEVERITIES,
-)
 
-SCHEMA_VERSION = "1.0.0"
-NOTES_MAX_CHARS = 200
-# The characters of make_report's notes and a little more. No quote, backslash or non-ASCII: every
-# character is one byte and never escaped, which keeps the longest report's length exact.
-NOTES_CHARS = "A-Za-z0-9 .,;:()/%-"
-SEPARATORS = (", ", ": ")  # json.dumps' defaults, as the stage-2 reports are written
-
-
-def _object(properties: dict) -> dict:
-    return {"type": "object", "properties": properties, "required": list(properties), "additionalProperties": False}
-
-
-REPORT_SCHEMA: dict = {
-    "$schema": "https://json-schema.org/draft/2020-12/schema",
-    "$id": f"urn:vlm:inspection-report:{SCHEMA_VERSION}",
-    "version": SCHEMA_VERSION,
-    "title": "Equipment panel inspection report",
-    **_object({
-        "asset_code": {"type": "string", "pattern": f"^[{CODE_LETTERS}]{{2}}-[0-9]{{4}}$", "maxLength": 7,
-                       "description": "the code on the asset tag: two letters (no I, O, Q), a dash, four digits"},
-        "lamps": {"type": "array", "maxItems": len(LAMP_LABELS), "description": "indicator lamps, left to right",
-                  "items": _object({"label": {"enum": list(LAMP_LABELS)},
-                                    "colour": {"enum": list(dict.fromkeys(LAMP_COLOURS.values()))},
-                                    "on": {"type": "boolean"}})},
-        "gauge_reading": {"type": "integer", "minimum": 0, "maximum": 100,
-                          "description": "the gauge needle on its 0-100 scale"},
-        "damage": {"type": "array", "maxItems": len(LOCATIONS),
-                   "description": "visible damage, at most one item per location cell; empty when none",
-                   "items": _object({"type": {"enum": list(DAMAGE_TYPES)}, "location": {"enum": list(LOCATIONS)},
-                                     "severity": {"enum": list(SEVERITIES[1:])}})},
-        "warning_label": {"type": "boolean", "description": "a yellow warning triangle is on the panel"},
-        "overall_severity": {"enum": list(SEVERITIES)},
-        "recommended_action": {"enum": list(ACTIONS.values())},
-        "notes": {"type": "string", "pattern": f"^[{NOTES_CHARS}]{{0,{NOTES_MAX_CHARS}}}$",
-                  "maxLength": NOTES_MAX_CHARS, "description": "the findings behind the severity, free text"},
-    }),
-}
 REPORT_PROMPT = REPORT_PROMPTS[0]
 
 

@@ -23,8 +23,8 @@ from safetensors import SafetensorError
 from tqdm import tqdm
 
 from vlm.files import write_atomic
-from vlm.report import REPORT_SCHEMA, ReportError, ReportGenerator
-from vlm.synth.panels import SEVERITIES
+from vlm.inspection import REPORT_SCHEMA, SEVERITIES
+from vlm.report import ReportError, ReportGenerator
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "models" / "demo"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -139,7 +139,7 @@ Schema {html.escape(REPORT_SCHEMA["$id"])}.</p>
 
 
 def _load_model(name: str, device: str, dtype: str | None):
-    from vlm.model import load_pretrained
+    from vlm.loading import load_pretrained
 
     if Path(name) == DEFAULT_MODEL and not (DEFAULT_MODEL / "config.json").is_file():
         raise UsageError(f"no model at {DEFAULT_MODEL} (build the demo model first, or pass --model)")

@@ -4,7 +4,7 @@
 ``write_dataset(out_dir, n, seed, size)`` writes a folder in the formats of shared/formats.md:
 ``images/``, ``meta.jsonl`` (truth and report per panel), ``captions.json`` (stage 1),
 ``instruct.json`` (stage 2) and ``questions.jsonl`` (eval, with gold answers). The rules deriving
-severity and action are in ``vlm.synth.panels.assess``.
+severity and action are in ``vlm.inspection.assess``.
 """
 
 import contextlib
@@ -15,17 +15,19 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from vlm.synth.panels import (
+from vlm.inspection import (
     ACTIONS,
     DAMAGE_TYPES,
     LAMP_LABELS,
     LOCATIONS,
+    NOUN,
     REPORT_FIELDS,
+    REPORT_PROMPTS,
     SEVERITIES,
     assess,
-    generate_panel,
     make_report,
 )
+from vlm.synth.panels import generate_panel
 
 __all__ = ["ACTIONS", "CATEGORIES", "DAMAGE_TYPES", "LAMP_LABELS", "LOCATIONS", "REPORT_FIELDS", "SEVERITIES",
            "assess", "damage_question", "generate_panel", "make_report", "panel_texts", "write_dataset"]
@@ -37,13 +39,6 @@ CAPTION_PROMPTS = ("Describe the panel briefly.", "Give a short caption of this 
                    "What does this image show? Answer briefly.", "Provide a brief caption for this inspection photo.")
 DETAIL_PROMPTS = ("Describe this equipment panel in detail.", "Give a detailed description of the panel and its condition.",
                   "Walk me through everything visible on this panel.")
-REPORT_PROMPTS = (
-    "Inspect this panel and return the inspection report as JSON with the keys " + ", ".join(REPORT_FIELDS) + ".",
-    "Produce the JSON inspection report for this panel (keys: " + ", ".join(REPORT_FIELDS) + ").",
-    "Fill in the inspection report for this equipment as a JSON object with fields " + ", ".join(REPORT_FIELDS) + ".",
-)
-NOUN = {"crack": "a crack", "corrosion": "corrosion", "scorch": "a scorch mark", "missing_screw": "a missing screw",
-        "dent": "a dent"}
 
 
 def _lamp_text(lamp: dict) -> str:

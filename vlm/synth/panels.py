@@ -1,8 +1,8 @@
 """Procedural equipment-inspection panels whose ground truth is known exactly.
 
 The truth is sampled first (``sample_truth``) and the image is drawn from it (``render``), each from its own
-random stream, so changing how a panel looks never changes what it shows. ``assess`` turns the truth
-into a severity and an action by the fixed rules in its docstring.
+random stream, so changing how a panel looks never changes what it shows. The vocabulary and the rules
+that grade a panel are the inspection domain's (``vlm.inspection``).
 """
 
 import functools
@@ -13,26 +13,24 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-LAMP_LABELS = ("PWR", "RUN", "FAULT", "TEMP", "COMM", "ALARM")
-# Fixed per label, as on real panels. FAULT and ALARM share red, PWR and RUN share green, so the
-# printed label has to be read: colour alone never identifies a lamp.
-LAMP_COLOURS = {"PWR": "green", "RUN": "green", "FAULT": "red", "TEMP": "amber", "COMM": "blue",
-                "ALARM": "red"}
+from vlm.inspection import (  # noqa: F401  (the renderer's callers read the domain from here too)
+    ACTIONS,
+    CODE_LETTERS,
+    DAMAGE_SEVERITY,
+    DAMAGE_TYPES,
+    LAMP_COLOURS,
+    LAMP_LABELS,
+    LOCATIONS,
+    REPORT_FIELDS,
+    SEVERITIES,
+    assess,
+    findings,
+    make_report,
+)
+
 LAMP_ON_P = {"PWR": 0.85, "RUN": 0.6, "FAULT": 0.18, "TEMP": 0.25, "COMM": 0.6, "ALARM": 0.15}
 # Cheap defects drawn more often than severe ones, so the overall severities come out roughly balanced.
 DAMAGE_WEIGHTS = {"crack": 0.18, "corrosion": 0.22, "scorch": 0.12, "missing_screw": 0.26, "dent": 0.22}
-DAMAGE_TYPES = tuple(DAMAGE_WEIGHTS)
-LOCATIONS = ("top-left", "top-center", "top-right", "middle-left", "center", "middle-right",
-             "bottom-left", "bottom-center", "bottom-right")
-SEVERITIES = ("none", "low", "medium", "high", "critical")
-DAMAGE_SEVERITY = {"crack": "high", "scorch": "high", "corrosion": "medium", "dent": "medium",
-                   "missing_screw": "low"}
-ACTIONS = {"none": "no action needed", "low": "schedule inspection", "medium": "schedule repair",
-           "high": "replace component", "critical": "isolate and shut down"}
-REPORT_FIELDS = ("asset_code", "lamps", "gauge_reading", "damage", "warning_label", "overall_severity",
-                 "recommended_action", "notes")
-# No I, O or Q: beside digits they read as 1 and 0 at 224 px, and a code must be unambiguous.
-CODE_LETTERS = "ABCDEFGHJKLMNPRSTUVWXYZ"
 RGB = {"green": (40, 225, 70), "amber": (255, 170, 20), "red": (245, 40, 30), "blue": (40, 130, 255)}
 # Screws sit on the eight border cells, so a missing screw can be anywhere but the center.
 SCREWS = {"top-left": (0.045, 0.045), "top-center": (0.5, 0.035), "top-right": (0.955, 0.045),
@@ -45,81 +43,6 @@ SCREWS = {"top-left": (0.045, 0.045), "top-center": (0.5, 0.035), "top-right": (
 CELL_ROWS = (0.29, 0.5, 5 / 6)
 FACES = ((200, 202, 205), (176, 186, 196), (206, 198, 178), (150, 165, 150), (125, 135, 145))
 RUST = ((150, 75, 30), (120, 60, 25), (180, 100, 40), (95, 50, 30))
-
-
-def findings(lamps: list[dict], gauge_reading: int, damage: list[dict]) -> list[tuple[str, str]]:
-    """Every rule of ``assess`` that fires, as (severity, reason), most severe first."""
-    lit = {lamp["label"] for lamp in lamps if lamp["on"]}
-    scorched = any(item["type"] == "scorch" for item in damage)
-    found = []
-    if "FAULT" in lit:
-        found.append(("critical", "FAULT lamp lit with scorch damage") if scorched
-                     else ("high", "FAULT lamp lit"))
-    if "ALARM" in lit:
-        found.append(("high", "ALARM lamp lit"))
-    if "TEMP" in lit:
-        found.append(("medium", "TEMP lamp lit"))
-    if gauge_reading > 90:
-        found.append(("high", f"gauge in red zone ({gauge_reading})"))
-    elif gauge_reading > 75:
-        found.append(("low", f"gauge elevated ({gauge_reading})"))
-    for item in damage:
-        kind = item["type"]
-        found.append((DAMAGE_SEVERITY[kind], f"{kind.replace('_', ' ')} at {item['location']}"))
-    return sorted(found, key=lambda f: -SEVERITIES.index(f[0]))
-
-
-def assess(lamps: list[dict], gauge_reading: int, damage: list[dict]) -> tuple[str, str]:
-    """Overall severity and recommended action of a panel.
-
-    Every rule that matches contributes its severity; the highest one wins (order: none < low <
-    medium < high < critical). No rule matching means "none". Lamps are "lit" when ``on`` is true.
-
-    | rule | condition                                   | severity |
-    |------|---------------------------------------------|----------|
-    | 1    | FAULT lamp lit and any scorch damage        | critical |
-    | 2    | FAULT lamp lit (no scorch)                  | high     |
-    | 3    | ALARM lamp lit                              | high     |
-    | 4    | gauge reading > 90 (red zone)               | high     |
-    | 5    | crack or scorch damage (any location)       | high     |
-    | 6    | TEMP lamp lit                               | medium   |
-    | 7    | corrosion or dent damage                    | medium   |
-    | 8    | gauge reading 76-90 (amber zone)            | low      |
-    | 9    | missing_screw damage                        | low      |
-    | 10   | none of the above                           | none     |
-
-    PWR, RUN and COMM lamps (lit or not) and the warning label are recorded but never change the
-    severity. Each damage item's own severity is rule 5/7/9 for its type (scorch stays "high" even
-    when rule 1 makes the panel critical). The action follows from the overall severity alone:
-
-    | overall severity | recommended action    |
-    |------------------|-----------------------|
-    | none             | no action needed      |
-    | low              | schedule inspection   |
-    | medium           | schedule repair       |
-    | high             | replace component     |
-    | critical         | isolate and shut down |
-    """
-    found = findings(lamps, gauge_reading, damage)
-    severity = found[0][0] if found else "none"
-    return severity, ACTIONS[severity]
-
-
-def make_report(truth: dict) -> dict:
-    """The inspection report of a panel: exactly ``REPORT_FIELDS``, in that order."""
-    severity, action = assess(truth["lamps"], truth["gauge_reading"], truth["damage"])
-    reasons = [reason for _, reason in findings(truth["lamps"], truth["gauge_reading"], truth["damage"])]
-    return {
-        "asset_code": truth["asset_code"],
-        "lamps": [{"label": x["label"], "colour": x["colour"], "on": x["on"]} for x in truth["lamps"]],
-        "gauge_reading": truth["gauge_reading"],
-        "damage": [{"type": x["type"], "location": x["location"], "severity": DAMAGE_SEVERITY[x["type"]]}
-                   for x in truth["damage"]],
-        "warning_label": truth["warning_label"],
-        "overall_severity": severity,
-        "recommended_action": action,
-        "notes": "; ".join(reasons) if reasons else "all indicators normal, no damage found",
-    }
 
 
 def sample_truth(rng: random.Random) -> dict:

@@ -33,7 +33,8 @@ from vlm.data.dataset import FAILURES_FILE, LengthGroupedSampler, VLMDataset, co
 from vlm.data.formats import DataError, load_records
 from vlm.data.preflight import SKIPPED_FILE, cached_check, enforce
 from vlm.files import write_atomic
-from vlm.model import ADAPTER_DIR, VLM, build_vlm, load_pretrained
+from vlm.loading import build_vlm, load_pretrained
+from vlm.model import ADAPTER_DIR, VLM
 from vlm.processor import VLMProcessor
 from vlm.train.stages import configure_stage, parameter_groups, trainable_state_dict, trainable_table
 

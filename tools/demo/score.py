@@ -65,7 +65,7 @@ def answer_questions(model, processor, questions: list[dict], image_folder: Path
 @torch.no_grad()
 def answer_from_twins(language_model, tokenizer, questions: list[dict], twins: dict[str, str], batch_size: int = 100,
                       max_new_tokens: int = 12, desc: str = "eval from twins") -> list[str]:
-    """The bare LM's greedy short answers with each panel's true text twin (``vlm.demo.twin``) where the
+    """The bare LM's greedy short answers with each panel's true text twin (``tools.demo.twin``) where the
     image goes: what it could answer if the projector wrote every twin token exactly."""
     tokenizer.padding_side = "left"
     answers = []

@@ -1,4 +1,4 @@
-"""``python -m vlm.demo build [--out models/demo] [--work runs/demo] [--quick]`` | ``stages`` | ``probe`` | ``losses``."""
+"""``python -m tools.demo build [--out models/demo] [--work runs/demo] [--quick]`` | ``stages`` | ``probe`` | ``losses``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vlm.demo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m tools.demo", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     build = commands.add_parser("build", help="train the demo model from nothing (under 60 min on the 2-core CPU)")
     build.add_argument("--out", type=Path, default=Path("models/demo"), help="final model folder")
@@ -40,15 +40,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {path} exists and is not a directory", file=sys.stderr)
             return 2
     if args.command == "probe":
-        from vlm.demo.probe import probe as run_probe
+        from tools.demo.probe import probe as run_probe
 
         rows = run_probe(steps=args.steps)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(rows, indent=2) + "\n")
         return 0
     if args.command == "losses":
-        from vlm.demo.probe import compare_losses
-        from vlm.demo.recipe import SPEC
+        from tools.demo.probe import compare_losses
+        from tools.demo.recipe import SPEC
 
         args.out.mkdir(parents=True, exist_ok=True)
         results = compare_losses(args.out, SPEC, steps=args.steps, n_train=args.panels)
@@ -65,11 +65,11 @@ def main(argv: list[str] | None = None) -> int:
         if not (args.work / "recipe.json").is_file():
             print(f"error: {args.work} holds no recipe.json of a build", file=sys.stderr)
             return 2
-        from vlm.demo.recipe import stages
+        from tools.demo.recipe import stages
 
         record = stages(args.out, args.work, example=args.example)
     else:
-        from vlm.demo.recipe import build as run_build
+        from tools.demo.recipe import build as run_build
 
         record = run_build(args.out, args.work, quick=args.quick, example=args.example)
     print(json.dumps(record["metrics"], indent=2))

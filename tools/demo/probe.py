@@ -1,11 +1,11 @@
 """Equal-budget probes of the demo's tower.
 
-``python -m vlm.demo probe``: which image size and patch size keep the asset code readable? For each
+``python -m tools.demo probe``: which image size and patch size keep the asset code readable? For each
 (image size, patch size), a tower from scratch with the per-patch fact heads alone for the same number
 of steps (same images seen); held-out field accuracy and the seconds each probe took (the CPU is
 shared, so seconds are indicative only).
 
-``python -m vlm.demo losses``: the CLIP softmax loss or the SigLIP sigmoid loss? The tower as the recipe
+``python -m tools.demo losses``: the CLIP softmax loss or the SigLIP sigmoid loss? The tower as the recipe
 trains it (contrastive loss + fact heads) with each, same panels, seed and steps; the held-out reading
 every ``eval_every`` steps and zero-shot caption scoring at the end.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from vlm.demo.contrastive import (
+from tools.demo.contrastive import (
     TowerSpec,
     caption_of,
     evaluate_fields,
@@ -69,7 +69,7 @@ def compare_losses(work: Path, spec: TowerSpec, steps: int = 1000, n_train: int 
 
     Captions state every fact (``caption_of``); the tokenizer is trained on them, into ``work``.
     """
-    from vlm.demo.lm import train_tokenizer
+    from tools.demo.lm import train_tokenizer
 
     pixels, targets, reports = panels_in_memory(train_seed, n_train, spec)
     eval_pixels, eval_targets, eval_reports = panels_in_memory(eval_seed, n_eval, spec)

@@ -1,4 +1,4 @@
-"""The demo model, from nothing, on a CPU: ``python -m vlm.demo build [--out models/demo] [--work runs/demo]``.
+"""The demo model, from nothing, on a CPU: ``python -m tools.demo build [--out models/demo] [--work runs/demo]``.
 
 1. data: ``vlm.synth`` panels, training seed ``TRAIN_SEED``, held-out seed ``EVAL_SEED``;
 2. tokenizer + small Qwen2 LM pretrained on the corpus text (the "downloaded LLM");
@@ -29,9 +29,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from vlm.config import load_config
-from vlm.data.cache import FeatureCache, record_image_key
-from vlm.demo.contrastive import (
+from tools.demo.contrastive import (
     TowerSpec,
     evaluate_fields,
     image_processor,
@@ -42,7 +40,7 @@ from vlm.demo.contrastive import (
     train_tower,
     zero_shot,
 )
-from vlm.demo.lm import (
+from tools.demo.lm import (
     corpus_texts,
     instruction_records,
     panel_metas,
@@ -51,15 +49,17 @@ from vlm.demo.lm import (
     train_tokenizer,
     tune_until_it_answers,
 )
-from vlm.demo.score import score
-from vlm.demo.twin import TWIN_SPOTS, distil_projector, twin_accuracy, twin_token_ids, twin_vocabulary
+from tools.demo.score import score
+from tools.demo.twin import TWIN_SPOTS, distil_projector, twin_accuracy, twin_token_ids, twin_vocabulary
+from vlm.config import load_config
+from vlm.data.cache import FeatureCache, record_image_key
 from vlm.synth import write_dataset
 from vlm.synth.panels import generate_panel
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"
 # Seeds of vlm.synth datasets. Training never sees EVAL_SEED, EXAMPLE_SEED or GATE_SEED panels (the
-# last are the LM's check, ``tune_until_it_answers``); the resolution probe (vlm.demo.probe) used 900 and 901.
+# last are the LM's check, ``tune_until_it_answers``); the resolution probe (tools.demo.probe) used 900 and 901.
 TRAIN_SEED, EVAL_SEED, EXAMPLE_SEED, GATE_SEED = 1000, 2000, 3000, 4000
 
 
@@ -71,8 +71,8 @@ class Budget:
     n_eval: int = 200
     vocab_size: int = 1024
     lm_steps: int = 1500
-    lm_instruct_steps: int = 2500  # replies only: the LM learns to answer from the twin (see vlm.demo.lm.instruction_records)
-    lm_instruct_more_steps: int = 1000  # further rounds until it does (vlm.demo.lm.tune_until_it_answers)
+    lm_instruct_steps: int = 2500  # replies only: the LM learns to answer from the twin (see tools.demo.lm.instruction_records)
+    lm_instruct_more_steps: int = 1000  # further rounds until it does (tools.demo.lm.tune_until_it_answers)
     # The code in reports from exact twins by round, one build: 0, 38, 90, 100%; the next: 0, 0, 16, 30%
     # (while its short answers had the code from round 3). The LM runs beside the tower: rounds are cheap.
     lm_instruct_rounds: int = 6
@@ -81,7 +81,7 @@ class Budget:
     # and after 1,000 more lamps fell to 94.0%, so at best it saves 500 of the 6,500 steps. Pretraining for
     # 750 steps instead of 1,500 left damage present at 82-82.5% after 4,000 + 2 x 1,000 steps, and with
     # these rounds lamps at 90% after round 4 (95% with the full pretraining).
-    lm_long_share: float = 0.2  # reports and descriptions per question record (see vlm.demo.lm.instruction_records)
+    lm_long_share: float = 0.2  # reports and descriptions per question record (see tools.demo.lm.instruction_records)
     lm_hidden: int = 128
     lm_layers: int = 4
     # SigLIP's sigmoid loss: held-out code letters / digits by the fact heads after 250, 500 and 1,000 steps
@@ -135,7 +135,7 @@ QUICK = Budget(n_train=48, n_eval=4, vocab_size=640, lm_steps=4, lm_instruct_ste
                lm_instruct_rounds=2, lm_hidden=64, lm_layers=2, tower_steps=3, tower_minutes=None, build_minutes=None,
                tower_batch=16, distil_steps=2, align_steps=2, instruct_steps=2, long_answer_share=1.0)
 # 128 px is vlm.synth's minimum and the code is still legible by eye there (glyphs ~7x10 px). Measured with
-# the per-patch fact heads (vlm.demo.probe, 700 steps of 32, same panels): 16-px patches hold two code
+# the per-patch fact heads (tools.demo.probe, 700 steps of 32, same panels): 16-px patches hold two code
 # characters each and stayed near chance (letters 8%, digits 15%); 8-px patches reached 26% and 54% and
 # were still climbing, at 5x the time per step. So 8-px patches. Width 128 reads faster per second than 64
 # though each step takes 2.6x as long: after 9.2 min, letters 42% / digits 66% (500 steps) against 30% / 54%
@@ -349,7 +349,7 @@ def keep_text_tower(tower: Path, tokenizer_dir: Path, vision_dir: Path) -> None:
     from tokenizers import processors
     from transformers import CLIPModel
 
-    from vlm.model import load_complete
+    from vlm.loading import load_complete
     from vlm.vision import load_vision_encoder
     from vlm.zeroshot import SETTINGS_FILE
 
@@ -500,8 +500,8 @@ def run_stages(recipe: Recipe, out: Path, budget: Budget, spec: TowerSpec, heads
                deadline: float | None = None) -> None:
     """Seed the projector, stage 1, stage 2, merge and save, with the held-out scores before and after.
     ``deadline`` (``time.perf_counter()`` seconds) is when the build must be done: stage 2 fits its steps to it."""
+    from vlm.loading import build_vlm, load_pretrained
     from vlm.merge import merge
-    from vlm.model import build_vlm, load_pretrained
     from vlm.train.loop import train
 
     work, metrics = recipe.work, recipe.record["metrics"]

@@ -3,7 +3,7 @@
 The corpus is the text of a ``vlm.synth`` folder (captions and every instruction conversation, rendered
 through the chat template), so the LM knows the words, the answer formats and the chat turns before it
 ever sees an image, as a pretrained instruct LLM would. Where the image goes, each document holds the
-panel's text twin (``vlm.demo.twin.image_twin``): the answers then come from earlier in the context,
+panel's text twin (``tools.demo.twin.image_twin``): the answers then come from earlier in the context,
 the asset code copied character by character, the skill a downloaded instruct LLM brings; this one
 gets it from ``instruction_tune`` (``tune_until_it_answers`` checks it).
 """
@@ -23,9 +23,10 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config
 
-from vlm.demo.score import answer_from_twins, panel_metas, score
-from vlm.demo.twin import DAMAGE_WORDS, FACT_TOKENS, image_twin, special_twin_tokens
-from vlm.synth import LOCATIONS, REPORT_PROMPTS, SHORT, damage_question, panel_questions
+from tools.demo.score import answer_from_twins, panel_metas, score
+from tools.demo.twin import DAMAGE_WORDS, FACT_TOKENS, image_twin, special_twin_tokens
+from vlm.inspection import LOCATIONS, REPORT_PROMPTS
+from vlm.synth import SHORT, damage_question, panel_questions
 from vlm.testing import CHATML_TEMPLATE
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]

@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from vlm.demo.contrastive import CODE_SLOTS, GLYPHS, IGNORE, SPOTS, fact_classes
+from tools.demo.contrastive import CODE_SLOTS, GLYPHS, IGNORE, SPOTS, fact_classes
+from vlm.inspection import DAMAGE_TYPES, LAMP_LABELS, LOCATIONS
 from vlm.projector import QueryPoolProjector
-from vlm.synth.panels import DAMAGE_TYPES, LAMP_LABELS, LOCATIONS
 
 # The words each cell's damage token stands for, in the damage tokens' order.
 DAMAGE_WORDS: list[tuple[str, str]] = [(location, state) for location in LOCATIONS for state in ("intact", *DAMAGE_TYPES)]

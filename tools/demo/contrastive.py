@@ -32,9 +32,8 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
 
+from vlm.inspection import CODE_LETTERS, DAMAGE_TYPES, LAMP_LABELS, LOCATIONS, NOUN
 from vlm.projector import QueryPoolProjector
-from vlm.synth import NOUN
-from vlm.synth.panels import CODE_LETTERS, DAMAGE_TYPES, LAMP_LABELS, LOCATIONS
 from vlm.testing import CLIP_MEAN, CLIP_STD
 
 DIGITS = "0123456789"
@@ -276,7 +275,7 @@ def seed_query_projector(projector: QueryPoolProjector, heads: SpotHeads, spots:
     Query i is the where head's score "fact ``spots[i]`` (an entry of ``SPOTS``) is drawn in this patch",
     sharpened by ``POOL_SHARPNESS``, so visual token i starts as the patch showing that fact, wherever
     the camera put it; the norm is the heads' own, so the pooled tokens are what the code head was also
-    trained to read (``read_pooled_code``). ``vlm.demo.twin.distil_projector`` trains the rest.
+    trained to read (``read_pooled_code``). ``tools.demo.twin.distil_projector`` trains the rest.
     """
     if projector.scores.out_features != len(spots):
         raise ValueError(f"the projector has {projector.scores.out_features} queries; seeding it needs one per "

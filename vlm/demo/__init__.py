@@ -1,1 +1,0 @@
-"""The bundled demo model, trained here from nothing: ``python -m vlm.demo build`` (see recipe.py)."""
