@@ -18,7 +18,8 @@ whole scale), a false alarm on a clean panel. Rates are percentages; intervals c
 ``eval.stats.bootstrap_interval`` over the scored units (panels, lamps, or damage items), so P/R/F1
 intervals resample items. F1 is the mean of the match indicators of all gold and predicted items, which
 equals 2TP / (2TP + FP + FN). Writes ``OUT/metrics.json``, ``OUT/reports.jsonl`` (the reports scored)
-and, with ``--save-to-model``, ``<model>/results/inspection.json``.
+and, with ``--save-to-model``, ``<model>/results/inspection.json``. Quiet by default; ``--verbose`` shows
+the libraries' loading bars and warnings.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from tqdm import tqdm
 
 from eval.scoring import edit_distance
 from eval.stats import bootstrap_interval
+from vlm.cli import ArgumentParser, UsageError, set_verbosity
 from vlm.files import write_atomic
 
 GAUGE_SPAN = 100  # a missing gauge reading counts as the whole scale wrong
@@ -137,11 +139,6 @@ class BadInput(Exception):
     """Bad command-line input or data, shown as one line."""
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, not argparse's usage dump
-        raise BadInput(message)
-
-
 def read_panels(data: Path, limit: int | None) -> list[dict]:
     """The panels of a ``vlm.synth`` folder: ``{"id", "image", "report"}`` from ``meta.jsonl``."""
     meta = data / "meta.jsonl"
@@ -195,7 +192,7 @@ def predict(model_name: str, data: Path, panels: list[dict], batch_size: int, de
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _Parser(prog="python -m eval.inspection", description=__doc__,
+    parser = ArgumentParser(prog="python -m eval.inspection", description=__doc__,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="project model folder, hub id or Llava folder")
     parser.add_argument("--data", type=Path, required=True, help="a python -m vlm.synth folder")
@@ -207,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="also write <model>/results/inspection.json (a local model folder)")
     try:
         args = parser.parse_args(argv)
+        set_verbosity(args.verbose)
         if args.limit is not None and args.limit < 1:
             raise BadInput(f"--limit must be at least 1, got {args.limit}")
         if args.batch_size < 1:
@@ -215,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             raise BadInput(f"--save-to-model needs a local model folder, not {args.model}")
         panels = read_panels(args.data, args.limit)
         records = predict(args.model, args.data, panels, args.batch_size, args.device)
-    except BadInput as error:
+    except (BadInput, UsageError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     from vlm.inspection import DAMAGE_TYPES, REPORT_SCHEMA

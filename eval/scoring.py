@@ -1,14 +1,16 @@
 """Scoring rules of the VQA-style benchmarks, exactly as the official tools apply them (shared/scoring.md).
 
-Per-question functions (``vqa_accuracy``, ``gqa_correct``, ``pope_answer``, ``scienceqa_letter``, ...) hold
-the rules; ``score`` pairs gold items with predictions by id and returns the result dict that
-``python -m eval.vqa`` prints and saves. Percentages are rounded the way each official tool prints them.
+Per-question functions (``vqa_accuracy``, ``gqa_correct``, ``pope_answer``, ``scienceqa_letter``,
+``judge_panel``, ...) hold the rules; one scorer per kind of benchmark (``score_vqa``, ``score_pope``, ...)
+turns a benchmark's gold items and predictions into its numbers. ``eval.benchmarks`` says which scorer a
+benchmark uses and adds the missing and unknown ids. Percentages are rounded the way each official tool
+prints them.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -16,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from eval.stats import bootstrap_interval, bootstrap_statistic
-from vlm.inspection import DAMAGE_TYPES
+from vlm.inspection import ASSET_CODE, DAMAGE_TYPES
 
 # ---- VQA accuracy (VQAv2, VizWiz, TextVQA) -------------------------------------------------------
 
@@ -183,9 +185,8 @@ _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
 def panel_normalize(text: str) -> str:
-    """Light normalisation: strip, lowercase, one trailing period (so asset codes compare case-blind)."""
-    text = text.strip().lower()
-    return text[:-1].rstrip() if text.endswith(".") else text
+    """Lowercase, one space between words, no trailing period: "Schedule  repair." is "schedule repair"."""
+    return " ".join(text.lower().split()).rstrip(".").rstrip()
 
 
 def parse_number(text: str) -> float | None:
@@ -210,6 +211,37 @@ def character_error_rate(prediction: str, gold: str) -> float:
     return edit_distance(prediction, gold) / max(1, len(gold))
 
 
+def judge_panel(category: str, gold: str, predicted: str | None) -> dict[str, float]:
+    """Every check one answer to a panel question counts toward, by name (1.0 right, 0.0 wrong).
+
+    ``predicted`` None (or blank) is no answer: wrong everywhere, a character error rate of 1.
+    ``exact``, for every category: the answers are equal after ``panel_normalize`` (so asset codes
+    compare case-blind). By category, besides: ``gauge`` - ``gauge_within_5``, the first number of the
+    answer (decimals kept) within 5 of the reading; ``damage`` - ``damage_present``, the answer says
+    absent ("none") or present (one of ``DAMAGE_TYPES``) as the gold does, anything else is wrong, and
+    for a damaged cell ``damage_type``, the same as exact; ``asset_code`` - ``asset_code_cer``;
+    ``asset_code_chat`` (the code asked in a chat, answered in a sentence) - exact is the first code in
+    the reply (``ASSET_CODE``, any case) being the gold one.
+    """
+    said = panel_normalize(predicted) if predicted is not None and predicted.strip() else None
+    wanted = panel_normalize(gold)
+    if category == "asset_code_chat":
+        found = ASSET_CODE.search(predicted.upper()) if said is not None else None
+        return {"exact": float(found is not None and found.group() == gold.strip().upper())}
+    checks = {"exact": float(said == wanted)}
+    if category == "gauge":
+        number = parse_number(said) if said is not None else None
+        checks["gauge_within_5"] = float(number is not None and abs(number - float(wanted)) <= 5)
+    elif category == "damage":
+        state = "absent" if said == "none" else "present" if said in DAMAGE_TYPES else None
+        checks["damage_present"] = float(state == ("absent" if wanted == "none" else "present"))
+        if wanted != "none":
+            checks["damage_type"] = checks["exact"]
+    elif category == "asset_code":
+        checks["asset_code_cer"] = character_error_rate(said, wanted) if said is not None else 1.0
+    return checks
+
+
 # ---- pairing predictions with gold and summarising -----------------------------------------------
 
 
@@ -222,25 +254,6 @@ class Gold:
     categories: dict[str, str] = field(default_factory=dict)
 
 
-BENCHMARKS = ("vqav2", "textvqa", "vizwiz", "gqa", "pope", "scienceqa", "panels")
-MODES = {
-    "vqav2": VQA_MODES,
-    "vizwiz": VQA_MODES,
-    "textvqa": VQA_MODES,
-    "gqa": GQA_MODES,
-    "pope": ("official",),
-    "scienceqa": ("official",),
-    "panels": ("official",),
-}
-DEFAULT_MODE = {
-    "vqav2": "llava",
-    "vizwiz": "llava",
-    "textvqa": "m4c",
-    "gqa": "llava",
-    "pope": "official",
-    "scienceqa": "official",
-    "panels": "official",
-}
 ID_SAMPLE = 20  # how many offending ids a result lists; the counts are always complete
 
 
@@ -278,7 +291,8 @@ def _breakdowns(golds: Sequence[Gold], scores: Sequence[float], rounding: str = 
     }
 
 
-def _answered(text: str | None) -> bool:
+def answered(text: str | None) -> bool:
+    """A prediction that says something: an empty or blank one scores 0 like a missing one."""
     return text is not None and text.strip() != ""
 
 
@@ -290,25 +304,25 @@ def _result(metric: str, golds: Sequence[Gold], scores: Sequence[float], roundin
     }
 
 
-def _score_vqa(golds, predictions, mode):
+def score_vqa(golds: Sequence[Gold], predictions: Mapping[str, str | None], mode: str) -> dict:
     scores = [
-        vqa_accuracy(predictions[g.key], g.answer, mode) if _answered(predictions.get(g.key)) else 0.0
+        vqa_accuracy(predictions[g.key], g.answer, mode) if answered(predictions.get(g.key)) else 0.0
         for g in golds
     ]
     return _result("accuracy", golds, scores, "mean" if mode == "m4c" else "vqa")
 
 
-def _score_gqa(golds, predictions, mode):
+def score_gqa(golds: Sequence[Gold], predictions: Mapping[str, str | None], mode: str) -> dict:
     scores = [
-        float(_answered(predictions.get(g.key)) and gqa_correct(predictions[g.key], g.answer, mode))
+        float(answered(predictions.get(g.key)) and gqa_correct(predictions[g.key], g.answer, mode))
         for g in golds
     ]
     return _result("accuracy", golds, scores, "mean")
 
 
-def _score_scienceqa(golds, predictions, mode):
+def score_scienceqa(golds: Sequence[Gold], predictions: Mapping[str, str | None], mode: str) -> dict:
     scores = [
-        float(_answered(predictions.get(g.key)) and scienceqa_correct(predictions[g.key], *g.answer))
+        float(answered(predictions.get(g.key)) and scienceqa_correct(predictions[g.key], *g.answer))
         for g in golds
     ]
     return _result("accuracy", golds, scores, "mean")
@@ -352,13 +366,13 @@ def _pope_percent(fraction: float) -> float:
 POPE_METRICS = ("accuracy", "precision", "recall", "f1", "yes_ratio")
 
 
-def _score_pope(golds, predictions, mode):
+def score_pope(golds: Sequence[Gold], predictions: Mapping[str, str | None], mode: str) -> dict:
     splits: dict[str, list[tuple[int, int]]] = {}
     for g in golds:
         label = g.answer != "no"
         text = predictions.get(g.key)
         # A missing or empty answer is counted as the wrong one, so it scores 0 like everywhere else.
-        said_yes = (pope_answer(text) == "yes") if _answered(text) else not label
+        said_yes = (pope_answer(text) == "yes") if answered(text) else not label
         splits.setdefault(g.categories.get("split", "all"), []).append((int(said_yes), int(label)))
     groups = {name: np.asarray(rows, dtype=np.int64) for name, rows in sorted(splits.items())}
     per_split = {}
@@ -387,30 +401,23 @@ def _score_pope(golds, predictions, mode):
     }
 
 
-def _score_panels(golds, predictions, mode):
-    scores, gauge, presence, kind, cer = [], [], [], [], []
+# The panels' extra results: each names a check of ``judge_panel``, over the questions it applies to.
+PANEL_EXTRAS = {"gauge_within_5": "gauge_within_5", "damage_presence_accuracy": "damage_present",
+                "damage_type_accuracy": "damage_type"}
+
+
+def score_panels(golds: Sequence[Gold], predictions: Mapping[str, str | None], mode: str) -> dict:
+    scores, checks = [], {}
     for g in golds:
         text = predictions.get(g.key)
-        said = panel_normalize(text) if _answered(text) else None
-        gold = panel_normalize(g.answer)
-        scores.append(float(said == gold))
-        category = g.categories.get("category")
-        if category == "gauge":
-            number = parse_number(said) if said is not None else None
-            gauge.append(float(number is not None and abs(number - float(gold)) <= 5))
-        elif category == "damage":
-            # Present or absent: "none" says absent, a damage type says present, anything else is wrong.
-            state = "absent" if said == "none" else "present" if said in DAMAGE_TYPES else None
-            presence.append(float(state == ("absent" if gold == "none" else "present")))
-            if gold != "none":
-                kind.append(float(said == gold))
-        elif category == "asset_code":
-            cer.append(character_error_rate(text, g.answer) if said is not None else 1.0)
+        judged = judge_panel(g.categories.get("category", ""), g.answer, text if answered(text) else None)
+        scores.append(judged.pop("exact"))
+        for name, value in judged.items():
+            checks.setdefault(name, []).append(value)
+    cer = checks.get("asset_code_cer", [])
     result = _result("accuracy", golds, scores, "mean")
     result["extra"] = {
-        "gauge_within_5": _summary(gauge),
-        "damage_presence_accuracy": _summary(presence),
-        "damage_type_accuracy": _summary(kind),
+        **{name: _summary(checks.get(check, [])) for name, check in PANEL_EXTRAS.items()},
         "asset_code_cer": {
             "n": len(cer),
             "value": round(float(np.mean(cer)), 4) if cer else 0.0,
@@ -420,39 +427,6 @@ def _score_panels(golds, predictions, mode):
     return result
 
 
-_SCORERS: dict[str, Callable] = {
-    "vqav2": _score_vqa,
-    "textvqa": _score_vqa,
-    "vizwiz": _score_vqa,
-    "gqa": _score_gqa,
-    "pope": _score_pope,
-    "scienceqa": _score_scienceqa,
-    "panels": _score_panels,
-}
-
-
-def _ids(keys: Sequence[str]) -> dict:
+def ids(keys: Sequence[str]) -> dict:
+    """A count of offending ids and the first ``ID_SAMPLE`` of them."""
     return {"count": len(keys), "ids": list(keys[:ID_SAMPLE])}
-
-
-def score(
-    benchmark: str, golds: Sequence[Gold], predictions: Mapping[str, str | None], mode: str | None = None
-) -> dict:
-    """Score ``predictions`` (key -> text) against ``golds``.
-
-    Every gold question counts: a missing or empty prediction scores 0 and is listed under ``missing`` /
-    ``empty``; predictions whose key is not among the golds are listed under ``unknown_ids``.
-    """
-    mode = mode or DEFAULT_MODE[benchmark]
-    if mode not in MODES[benchmark]:
-        raise ValueError(
-            f"--mode {mode} does not apply to {benchmark}; choose from {', '.join(MODES[benchmark])}"
-        )
-    known = {g.key for g in golds}
-    result = {"benchmark": benchmark, "mode": mode, **_SCORERS[benchmark](golds, predictions, mode)}
-    result["missing"] = _ids([g.key for g in golds if g.key not in predictions])
-    result["empty"] = _ids(
-        [g.key for g in golds if g.key in predictions and not _answered(predictions[g.key])]
-    )
-    result["unknown_ids"] = _ids([key for key in predictions if key not in known])
-    return result

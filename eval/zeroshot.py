@@ -9,6 +9,7 @@ damage, over the damaged cells), ``lamp`` (the named lamp on or off) and ``warni
 none), each with a 95% bootstrap interval. The VLM's numbers for the same questions come from eval.vqa's
 ``metrics.json`` (``--vlm-results``) or from running it (``OUT/vlm``): what the projector and LM add over
 the bare tower. Writes ``OUT/zeroshot.json`` (``--save-to-model``: also ``<model>/results/zeroshot.json``).
+Quiet by default; ``--verbose`` shows the libraries' loading bars and warnings.
 """
 
 from __future__ import annotations
@@ -23,13 +24,12 @@ from typing import Any
 import torch
 
 from eval.stats import bootstrap_interval
+from vlm.cli import DEMO_MODEL, ArgumentParser, UsageError, set_verbosity
 from vlm.files import write_atomic
 from vlm.images import ImageError, load_image
 from vlm.inspection import DAMAGE_TYPES, LAMP_LABELS, LOCATIONS, NOUN
 from vlm.zeroshot import BATCH, ZeroShotError, check_templates, load_zero_shot
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_MODEL = REPO_ROOT / "models" / "demo"
 TEMPLATE = "an equipment panel with {}."  # the labels below read as the panels' captions do
 CAPABILITIES = ("damage_present", "damage_type", "lamp", "warning")
 CATEGORIES = ("damage", "lamp", "warning")  # the questions the tower can be asked
@@ -201,16 +201,12 @@ def table(result: dict) -> str:
     return "\n".join(rows)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, not argparse's usage dump
-        raise BadInput(message)
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = _Parser(prog="python -m eval.zeroshot", description=__doc__,
+    """The command line; a bad one raises ``vlm.cli.UsageError`` (one line)."""
+    parser = ArgumentParser(prog="python -m eval.zeroshot", description=__doc__,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--panels", required=True, help="a `python -m vlm.synth` folder")
-    parser.add_argument("--model", default=str(DEFAULT_MODEL), help="the VLM (default: models/demo)")
+    parser.add_argument("--model", default=str(DEMO_MODEL), help="the VLM (default: models/demo)")
     parser.add_argument("--tower", help="whole CLIP/SigLIP checkpoint (default: the model's vision_tower)")
     parser.add_argument("--vlm-results", help="eval.vqa's metrics.json for these panels (default: run the VLM)")
     parser.add_argument("--out", required=True, help="output folder: zeroshot.json (and vlm/ when the VLM runs)")
@@ -225,11 +221,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        result = evaluate(parse_args(argv))
-    except (BadInput, ZeroShotError) as error:
+        args = parse_args(argv)
+        set_verbosity(args.verbose)
+        result = evaluate(args)
+    except (BadInput, UsageError, ZeroShotError) as error:
         print(f"eval.zeroshot: error: {error}", file=sys.stderr)
         return 2
-    except (OSError, ValueError) as error:  # a broken model folder (vlm.model.ModelFolderError is a ValueError)
+    except (OSError, ValueError) as error:  # a broken model folder (vlm.loading.ModelFolderError is a ValueError)
         print(f"eval.zeroshot: error: {str(error).splitlines()[0] if str(error) else type(error).__name__}",
               file=sys.stderr)
         return 2

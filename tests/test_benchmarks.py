@@ -52,16 +52,23 @@ def test_quick_suite_writes_every_row(tmp_path):
     assert "bytes READ per second" in report["bandwidth_convention"]
     assert out.with_suffix(".png").stat().st_size > 0
 
-    # Re-measuring one group keeps the other groups' rows as they were.
-    again = _run("--quick", "--threads", "1", "--only", "batched_eval", "--out", str(out))
+    # Re-measuring one group keeps the other groups' rows as they were; training needs no Llava models.
+    work = tmp_path / "work"
+    again = _run("--quick", "--threads", "1", "--only", "training", "--out", str(out), "--workdir", str(work))
     assert again.returncode == 0, again.stderr[-3000:]
     updated = json.loads(out.read_text())
     assert [row["name"] for row in updated["rows"]] == list(ROWS)
-    kept = [row for row in updated["rows"] if row["group"] != "batched_eval"]
-    assert kept == [row for row in report["rows"] if row["group"] != "batched_eval"]
-    assert list(updated["settings"]["groups_remeasured"]) == ["batched_eval"]
+    kept = [row for row in updated["rows"] if row["group"] != "training"]
+    assert kept == [row for row in report["rows"] if row["group"] != "training"]
+    assert list(updated["settings"]["groups_remeasured"]) == ["training"]
+    assert all(row["ratio"]["median"] > 0 for row in updated["rows"] if row["group"] == "training")
+    assert (work / "train").is_dir() and not (work / "llava").exists() and not (work / "project").exists()
+    assert updated["facts"] == report["facts"]
     wrong = _run("--quick", "--only", "batched,training", "--out", str(out))
     assert wrong.returncode == 2 and "--only" in wrong.stderr.strip().splitlines()[-1]
+    flag = _run("--clock", "sundial")
+    assert flag.returncode == 2 and flag.stderr.strip().splitlines()[-1].startswith("error: argument --clock")
+    assert "usage:" not in flag.stderr
 
     bad = _run("--quick", "--repeats", "0", "--out", str(tmp_path / "bad.json"))
     last = bad.stderr.strip().splitlines()[-1]  # earlier lines, if any, are library import notices

@@ -56,13 +56,14 @@ def test_prompt_answers_once_with_project_and_llava_folders(saved_models, folder
                    "--prompt", "what is the asset code ?", "--max-new-tokens", "4")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
+    assert result.stderr == ""  # quiet by default: no loading bars or library warnings
 
 
 def test_interactive_mode_reads_turns_from_stdin(saved_models):
     result = _chat("--image", str(saved_models / "panel.png"), "--model", str(saved_models / "project"),
                    "--max-new-tokens", "3", stdin="what is the code ?\nis the lamp on ?\nexit\n")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.count("vlm> ") == 2
+    assert result.stdout.count("vlm> ") == 2 and result.stderr == ""
 
 
 def test_bad_inputs_get_one_line_and_exit_2(saved_models, tmp_path):

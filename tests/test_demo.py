@@ -12,6 +12,8 @@ import torch
 from PIL import Image
 from transformers import AutoModelForCausalLM
 
+from eval.benchmarks import score as benchmark_score
+from eval.scoring import Gold
 from tools.demo.contrastive import (
     GLYPHS,
     HEADS,
@@ -313,9 +315,60 @@ def test_perturbations_change_one_fact():
     ("asset_code", "KX-4821", " KX-4821.", {"asset_code": True}),
     ("asset_code", "KX-4821", "KX-4827", {"asset_code": False}),
     ("action", "schedule repair", "Schedule repair", {"action": True}),
+    # eval's panels rules: decimals count, an answer naming no damage type is not "present", codes any case.
+    ("gauge", "42", "47.5", {"gauge_within_5": False, "gauge_exact": False}),
+    ("damage", "crack", "damaged", {"damage_present": False, "damage_type": False}),
+    ("asset_code_chat", "KX-4821", "the tag reads kx-4821.", {"asset_code_chat": True}),
 ])
 def test_judge(category, gold, predicted, expected):
     assert judge(category, gold, predicted) == expected
+
+
+def test_the_demo_and_the_panels_benchmark_score_answers_alike():
+    """The same answers give the same numbers in the demo's result and in eval.vqa's panels metrics."""
+    cases = [("gauge", "42", "47.5"), ("gauge", "42", " 46 "), ("gauge", "60", "60."), ("damage", "none", "None."),
+             ("damage", "crack", "damaged"), ("damage", "dent", "Dent"), ("damage", "scorch", "none"),
+             ("asset_code", "KX-4821", "kx-4821."), ("asset_code", "KX-4821", "KX-4827"), ("lamp", "on", "ON"),
+             ("lamp", "off", "on"), ("action", "schedule repair", "Schedule  repair.")]
+    golds = [Gold(str(i), gold, {"category": category}) for i, (category, gold, _) in enumerate(cases)]
+    panels = benchmark_score("panels", golds, {str(i): said for i, (_, _, said) in enumerate(cases)})
+    demo: dict[str, list[bool]] = {}
+    for category, gold, said in cases:
+        for name, right in judge(category, gold, said).items():
+            demo.setdefault(name, []).append(right)
+    per_category, extra = panels["per_category"]["category"], panels["extra"]
+    eval_names = {"gauge_exact": per_category["gauge"], "asset_code": per_category["asset_code"],
+                  "lamp": per_category["lamp"], "action": per_category["action"],
+                  "gauge_within_5": extra["gauge_within_5"], "damage_present": extra["damage_presence_accuracy"],
+                  "damage_type": extra["damage_type_accuracy"]}
+    assert set(demo) == set(eval_names)
+    for name, entry in eval_names.items():
+        assert (len(demo[name]), round(100 * sum(demo[name]) / len(demo[name]), 2)) == (entry["n"], entry["value"])
+    assert demo["gauge_within_5"] == [False, True, True] and demo["damage_present"] == [True, False, True, False]
+
+
+def test_scoring_a_vlm_answers_through_the_panels_benchmarks_loop(tiny_model, tmp_path, monkeypatch):
+    """Batched and grouped by image through generate_shared, each panel's chat question after its own."""
+    model, processor = tiny_model
+    write_dataset(tmp_path / "data", 2, 3, 56)
+    calls, real = [], model.generate_shared
+
+    def counted(**inputs):
+        calls.append(inputs["input_ids"].shape[0])
+        return real(**inputs)
+
+    monkeypatch.setattr(model, "generate_shared", counted)
+    result = score(model, processor, tmp_path / "data", answers_file=tmp_path / "answers.jsonl")
+    assert calls == [16]  # 2 panels x (7 questions + the chat question), one batch
+    asked = [json.loads(line) for line in (tmp_path / "data" / "questions.jsonl").read_text().splitlines()]
+    damaged = sum(q["category"] == "damage" and q["answer"] != "none" for q in asked)
+    expected = {f"n_{name}": 2 for name in ("action", "asset_code", "asset_code_chat", "damage_present", "gauge_exact",
+                                            "gauge_within_5", "lamp", "severity", "warning")}
+    assert {k: v for k, v in result.items() if k.startswith("n_")} == expected | (
+        {"n_damage_type": damaged} if damaged else {})
+    answers = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    assert [a["category"] for a in answers[7::8]] == ["asset_code_chat"] * 2
+    assert all(isinstance(a["predicted"], str) for a in answers)
 
 
 @pytest.fixture(scope="module")

@@ -199,3 +199,38 @@ def test_an_imported_llava_keeps_llava_processors_tokens_through_a_save(tmp_path
 def _unpadded(processor) -> list[list[int]]:
     inputs = processor(images=_pictures(), text=PROMPTS, padding=True, return_tensors="pt")
     return [ids[mask.bool()].tolist() for ids, mask in zip(inputs["input_ids"], inputs["attention_mask"], strict=True)]
+
+
+@pytest.mark.parametrize("lm", ["qwen2", "llama"])  # ChatML, and a Llama-3 template that writes BOS itself
+def test_exported_chat_template_takes_transformers_content_lists(tmp_path, parts, lm):
+    ours, our_processor = build_vlm(ModelConfig(vision_tower=str(parts["clip"]), language_model=str(parts[lm])))
+    torch.manual_seed(0)
+    for p in ours.projector.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    export_llava(ours, our_processor, tmp_path / "hf")
+    their_processor = AutoProcessor.from_pretrained(tmp_path / "hf", backend="pil")
+    listed = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is the asset code ?"}]}]
+    written = [{"role": "user", "content": "<image>\nwhat is the asset code ?"}]
+    prompt = their_processor.apply_chat_template(listed, add_generation_prompt=True)
+    assert prompt == their_processor.apply_chat_template(written, add_generation_prompt=True)
+    assert prompt == our_processor.apply_chat_template(written) and "<image>\nwhat is" in prompt
+    # A whole conversation: a text-only part list, an assistant reply as parts, the image after the text.
+    chat = [{"role": "user", "content": [{"type": "text", "text": "hello"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "the code is KX-4821 ."}]},
+            {"role": "user", "content": [{"type": "text", "text": "is the fault lamp on ?"}, {"type": "image"}]}]
+    as_text = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "the code is KX-4821 ."},
+               {"role": "user", "content": "<image>\nis the fault lamp on ?"}]
+    assert their_processor.apply_chat_template(chat) == our_processor.apply_chat_template(as_text, False)
+    # Imported and exported again, the template is wrapped once.
+    again, again_processor = load_pretrained(tmp_path / "hf")
+    export_llava(again, again_processor, tmp_path / "again")
+    assert AutoProcessor.from_pretrained(tmp_path / "again").chat_template == their_processor.chat_template
+
+    theirs = LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf")
+    picture = _pictures()[0]
+    their_inputs = their_processor(images=[picture], text=[prompt], return_tensors="pt")
+    our_inputs = our_processor(images=[picture], text=[prompt], return_tensors="pt")
+    assert our_inputs["input_ids"].tolist() == their_inputs["input_ids"].tolist()
+    with torch.no_grad():
+        difference = ours(**our_inputs).logits - theirs(**their_inputs).logits
+    assert difference.abs().max().item() <= 1e-4

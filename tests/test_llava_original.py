@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, CLIPImageProcessorPil, CLIPVision
 
 from vlm import ModelConfig, load_pretrained
 from vlm.convert import main as convert
-from vlm.llava_original import is_original_llava, original_language_model
+from vlm.llava_lm import is_original_llava, original_language_model
 from vlm.testing import tiny_lm, tiny_tower
 
 IMAGE_TOKEN_INDEX = -200  # LLaVA's placeholder id
@@ -216,9 +216,9 @@ def test_missing_tensor_fails_with_its_name_and_unused_ones_are_listed(tmp_path,
 
     extra = {"model.vision_tower.vision_tower.post_layernorm.weight": torch.ones(TOWER_WIDTH)}
     folder = write_original(tmp_path / "extra", llava_parts, shards="bin", extra=extra)
-    with caplog.at_level(logging.WARNING, logger="vlm.llava_original"):
+    with caplog.at_level(logging.WARNING, logger="vlm.llava_lm"):
         load_pretrained(folder)
-    warnings = [r.getMessage() for r in caplog.records if r.name == "vlm.llava_original"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "vlm.llava_lm"]
     assert len(warnings) == 1 and "1 tensor(s) not used: model.vision_tower.vision_tower.post_layernorm" in warnings[0]
 
 

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from vlm.chat_templates import resolve_chat_template
 from vlm.config import DataConfig
-from vlm.data.templates import encode, resolve_chat_template
+from vlm.data.templates import encode
 from vlm.processor import load_tokenizer
 
 IGNORE, IMAGE = -100, -200  # LLaVA's IGNORE_INDEX and IMAGE_TOKEN_INDEX

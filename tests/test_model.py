@@ -11,6 +11,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from vlm import CallbackStreamer, ModelConfig, ModelFolderError, build_vlm, load_pretrained
+from vlm.projector import PROJECTORS, build_projector, projected_tokens
 from vlm.testing import tiny_tower
 
 
@@ -129,6 +130,29 @@ def test_projectors_and_token_counts(parts, projector, select, expected):
     inputs = processor(images=[_picture(7)], text=["<image> hi"])
     assert model.image_features(inputs["pixel_values"]).shape == (1, expected, 64)
     assert torch.isfinite(model(**inputs).logits).all()
+
+
+@pytest.mark.parametrize("name", sorted(PROJECTORS))
+def test_each_projector_in_the_table_makes_the_tokens_it_declares(name):
+    kind = PROJECTORS[name]
+    projector = build_projector(name, 8, 12, queries=5)
+    for grid in (4, 6):  # even square grids, which every kind takes
+        out = projector(torch.randn(2, grid * grid, 8))
+        assert out.shape == (2, projected_tokens(name, grid * grid, 5), 12)
+    assert (projected_tokens(name, 16, 5) == projected_tokens(name, 36, 5)) == kind.fixed_tokens
+    if kind.even_square_grid:
+        with pytest.raises(ValueError, match="even square patch grid"):
+            projector(torch.randn(1, 9, 8))
+    else:
+        assert projector(torch.randn(1, 9, 8)).shape[-1] == 12
+
+
+def test_an_unknown_projector_is_one_line_naming_the_known_ones():
+    assert list(PROJECTORS)[:4] == ["linear", "mlp2x_gelu", "merge2x2_mlp", "query_pool_mlp"]
+    with pytest.raises(ValueError, match=rf"^projector='conv' is not one of {', '.join(PROJECTORS)}$"):
+        build_projector("conv", 8, 12)
+    with pytest.raises(ValueError, match=r"^projector='conv' is not one of"):
+        ModelConfig(projector="conv")
 
 
 def test_query_pool_projector_puts_what_each_query_finds_at_its_own_token(parts):

@@ -6,6 +6,7 @@ import random
 import shutil
 import subprocess
 import sys
+from copy import deepcopy
 from pathlib import Path
 
 import jsonschema
@@ -15,7 +16,15 @@ from PIL import Image
 
 import vlm.report.__main__ as batch
 from vlm.model import VLM
-from vlm.report import REPORT_SCHEMA, ReportError, ReportGenerator, longest_report, longest_report_chars
+from vlm.report import (
+    REPORT_SCHEMA,
+    GrammarLogitsProcessor,
+    ReportError,
+    ReportGenerator,
+    compile_report_grammar,
+    longest_report,
+    longest_report_chars,
+)
 from vlm.synth.panels import REPORT_FIELDS, make_report, sample_truth
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,6 +88,41 @@ def test_every_bound_is_enforced_by_the_schema_and_by_the_grammar(generator):
         generator.parse(json.dumps(base)[:-1])
     with pytest.raises(ReportError):  # another layout is not what the constraint writes
         generator.parse(json.dumps(base, indent=2))
+
+
+def test_the_mask_follows_each_row_and_leaves_a_finished_row_alone(generator):
+    tokenizer, stop = generator.tokenizer, generator.stop_ids[0]
+    pad = generator.processor.tokenizer.pad_token_id
+    short, long = (tokenizer.tokenize_str(json.dumps(make_report(sample_truth(random.Random(seed)))))
+                   for seed in (1, 2))
+    short, long = sorted((short, long), key=len)
+    assert len(short) < len(long)
+    # generate's rows: a report, its stop token, then padding once the row is finished
+    rows = [short + [stop] + [pad] * (len(long) - len(short)), long + [stop]]
+    processor, vocab = GrammarLogitsProcessor(tokenizer, generator.grammar), tokenizer.vocab_size
+    ids = torch.zeros((2, 3), dtype=torch.long)  # the prompt
+    for step in range(len(rows[1])):
+        scores = processor(ids, torch.zeros(2, vocab))
+        for row, tokens in enumerate(rows):
+            allowed = scores[row].isfinite().nonzero().flatten().tolist()
+            if stop in tokens[:step]:
+                assert torch.equal(scores[row], torch.zeros(vocab))  # finished: generate pads it, scores untouched
+            elif tokens[step] == stop:
+                assert allowed == sorted(generator.stop_ids)  # a complete report: only a stop token may follow
+            else:
+                assert tokens[step] in allowed and len(allowed) < vocab
+        ids = torch.cat([ids, torch.tensor([[rows[0][step]], [rows[1][step]]])], dim=1)
+    wrong = GrammarLogitsProcessor(tokenizer, generator.grammar)
+    wrong(ids[:1, :3], torch.zeros(1, vocab))
+    with pytest.raises(ReportError, match="rejected token"):  # a token the mask forbade
+        wrong(torch.tensor([[0, 0, 0, tokenizer.tokenize_str("]")[0]]]), torch.zeros(1, vocab))
+
+
+def test_a_schema_keyword_the_grammar_cannot_enforce_is_an_error_not_ignored(generator):
+    schema = deepcopy(REPORT_SCHEMA)
+    schema["properties"]["lamps"]["uniqueItems"] = True
+    with pytest.raises(ValueError, match="uniqueItems"):
+        compile_report_grammar(generator.tokenizer, schema)
 
 
 def test_twenty_reports_from_a_random_model_are_all_schema_valid(tiny_model, generator):
@@ -301,15 +345,19 @@ def test_command_line_errors_are_one_line(tmp_path, monkeypatch, capsys):
     assert json.loads(capsys.readouterr().out) == REPORT_SCHEMA
 
 
-def _chat(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "chat.py"), *args], capture_output=True, text=True,
-                          timeout=120, env={"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+def _chat(*args: str, blocked: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    # A module set to None in sys.modules cannot be imported: the run is that of an install without it.
+    code = (f"import runpy, sys; sys.modules.update(dict.fromkeys({list(blocked)!r})); "
+            f"sys.argv[0] = {str(ROOT / 'chat.py')!r}; runpy.run_path(sys.argv[0], run_name='__main__')")
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120,
+                          env={"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
 
 
-def test_chat_report_prints_one_schema_valid_report(saved_model, tmp_path):
+def test_chat_report_prints_one_schema_valid_report_without_triton(saved_model, tmp_path):
     # Bad images and models fail before --report is looked at: tests/test_chat.py covers those lines.
     _picture(5).save(tmp_path / "panel.jpg")
-    result = _chat("--image", str(tmp_path / "panel.jpg"), "--model", str(saved_model), "--report")
+    result = _chat("--image", str(tmp_path / "panel.jpg"), "--model", str(saved_model), "--report",
+                   blocked=("triton", "xgrammar"))  # a CPU install has neither
     assert result.returncode == 0, result.stderr
     VALIDATOR.validate(json.loads(result.stdout))
     assert result.stdout.startswith("{\n  \"asset_code\": ")  # pretty-printed, nothing before it

@@ -4,17 +4,18 @@ import numpy as np
 import pytest
 
 from eval import scoring
+from eval.benchmarks import score
 from eval.scoring import (
     Gold,
     evalai_answer,
     gqa_correct,
+    judge_panel,
     normalize_answer,
     pope_answer,
     process_punctuation,
     process_words,
     scienceqa_correct,
     scienceqa_letter,
-    score,
     vqa_accuracy,
 )
 from eval.stats import bootstrap_interval, bootstrap_statistic
@@ -406,3 +407,27 @@ def test_bootstrap_statistic_resamples_each_group():
         (0.5, 0.5)
     )
     assert bootstrap_statistic([np.array([])], lambda gs: 1.0) == (0.0, 0.0)
+
+
+@pytest.mark.parametrize(
+    ("category", "gold", "predicted", "expected"),
+    [
+        # Spaces collapse and trailing periods go, so a sentence-cased action is still the action.
+        ("action", "schedule repair", "Schedule  repair.", {"exact": 1.0}),
+        # The first number, decimals kept: 47.5 is 5.5 from 42, outside +/-5 (an int parse would say 47).
+        ("gauge", "42", "47.5", {"exact": 0.0, "gauge_within_5": 0.0}),
+        ("gauge", "42", "about 37 psi", {"exact": 0.0, "gauge_within_5": 1.0}),
+        ("gauge", "42", None, {"exact": 0.0, "gauge_within_5": 0.0}),
+        # An answer that names no damage type says neither present nor absent: wrong either way.
+        ("damage", "crack", "damaged", {"exact": 0.0, "damage_present": 0.0, "damage_type": 0.0}),
+        ("damage", "crack", "Dent.", {"exact": 0.0, "damage_present": 1.0, "damage_type": 0.0}),
+        ("damage", "none", "None", {"exact": 1.0, "damage_present": 1.0}),
+        ("asset_code", "KX-4821", "kx-4821.", {"exact": 1.0, "asset_code_cer": 0.0}),
+        ("asset_code", "KX-4821", "   ", {"exact": 0.0, "asset_code_cer": 1.0}),
+        # A chat reply: the first code in it, any case, is the one judged.
+        ("asset_code_chat", "KX-4821", "The asset tag reads kx-4821.", {"exact": 1.0}),
+        ("asset_code_chat", "KX-4821", "KX-48210, I think", {"exact": 0.0}),
+    ],
+)
+def test_judge_panel(category, gold, predicted, expected):
+    assert judge_panel(category, gold, predicted) == expected

@@ -17,7 +17,8 @@ from test_llava_preprocess import (
 )
 
 from vlm import ModelConfig, VLMProcessor, build_vlm
-from vlm.data.templates import IGNORE, VICUNA_V1, _labels, _overlaps, resolve_chat_template
+from vlm.chat_templates import VICUNA_V1, resolve_chat_template
+from vlm.data.templates import IGNORE, _labels, _overlaps
 from vlm.processor import load_image_processor, load_tokenizer, tokenize_with_images
 from vlm.session import ChatSession
 from vlm.testing import tiny_lm

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from vlm import ModelConfig, build_vlm, load_pretrained
 from vlm.config import load_config
-from vlm.train.loop import train
+from vlm.train.loop import StepReport, train
 
 ROOT = Path(__file__).resolve().parents[1]
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (30, 60, 220), "yellow": (230, 220, 40)}
@@ -198,3 +198,18 @@ def test_feature_cache_gives_the_same_losses(tmp_path, parts, llava_data):
     train(_align_config(parts, llava_data, tmp_path / "cached", "train.max_steps=4", "data.cache_features=true"))
     assert _losses(tmp_path / "cached") == pytest.approx(_losses(tmp_path / "plain"), abs=1e-5)
     assert list((tmp_path / "cached").rglob("shard_*.safetensors"))
+
+
+def test_on_step_hears_each_optimizer_step_once_in_order(tmp_path, parts, llava_data):
+    # Two micro-batches of 2 per step, 16 records: 4 steps an epoch, so the sixth step is in epoch 2.
+    reports: list[StepReport] = []
+    train(_align_config(parts, llava_data, tmp_path / "run", "train.max_steps=6", "train.batch_size=2",
+                        "train.grad_accum=2"), on_step=reports.append)
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert [r.step for r in reports] == [h["step"] for h in history] == [1, 2, 3, 4, 5, 6]
+    assert [r.epoch for r in reports] == [0, 0, 0, 0, 1, 1]
+    assert all(r.total_steps == 6 and r.samples == 4 and r.tokens > 0 for r in reports)
+    assert [r.loss for r in reports] == [h["loss"] for h in history]
+    assert [r.learning_rates for r in reports] == [{"projector": h["lr"]} for h in history]
+    walls, cpus = [r.wall_s for r in reports], [r.cpu_s for r in reports]
+    assert walls == sorted(set(walls)) and cpus == sorted(cpus)

@@ -2,8 +2,11 @@
 
 import importlib.util
 import json
+import os
 import pickle
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -62,6 +65,33 @@ def _main(capsys, *overrides: str) -> tuple[int, str]:
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, err
     return code, errors[0]
+
+
+def test_a_training_run_is_quiet_unless_verbose(tmp_path, parts, data):
+    """No library warnings or weight-loading bars by default; --verbose lets them through."""
+    # 4-bit stage 2, where bitsandbytes is here: the path that draws the most library output.
+    four_bit = ["train.load_in_4bit=true"] if importlib.util.find_spec("bitsandbytes") else []
+    # Whatever an earlier test in this process quietened must not leak into the --verbose run.
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("TRANSFORMERS_", "HF_HUB_DISABLE", "HF_DATASETS_DISABLE"))}
+    errors = {}
+    for flag in ("", "--verbose"):
+        out = tmp_path / (flag or "quiet")
+        result = subprocess.run([
+            sys.executable, str(ROOT / "train_projector.py"), "--config", str(ROOT / "configs" / "tiny.yaml"),
+            *([flag] if flag else []), *_overrides(parts, data, out, "train.max_steps=1"), "stage=instruct",
+            f"data.path={data / 'instruct.json'}", "data.template=chat", "train.lora_r=4", *four_bit],
+            capture_output=True, text=True, timeout=300, env={**env, "HF_HUB_OFFLINE": "1"})
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "trainable" in result.stdout and (out / "final").is_dir()  # its own table and result stay
+        errors[flag] = result.stderr
+    quiet = errors[""].replace("\r", "\n").splitlines()
+    assert [line for line in quiet if "Warning" in line or "warnings.warn" in line or "Loading weights" in line] == []
+    assert "kernels-community" not in errors[""]  # bitsandbytes' optional CPU kernel, looked up at import
+    assert any(line.startswith("instruct:") for line in quiet)  # the run's own progress bar
+    assert "Loading weights" in errors["--verbose"]
+    if four_bit:  # PEFT's 4-bit preparation calls a deprecated transformers method
+        assert "FutureWarning" in errors["--verbose"]
 
 
 def _steps(out: Path) -> list[str]:

@@ -1,5 +1,6 @@
 """`python -m eval.vqa score` on small files in each official format; `run` end to end on a tiny model."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -8,6 +9,9 @@ from pathlib import Path
 import pytest
 
 from eval import vqa
+from eval.answering import generate_answers, with_suffix
+from eval.benchmarks import BENCHMARKS, SHORT_ANSWER
+from eval.formats import LAYOUTS, add_ocr, load_benchmark, read_ocr
 from eval.vqa import main
 
 
@@ -321,11 +325,11 @@ def test_run_panels_resumes_and_saves_results(capsys, tmp_path, panels, model_di
     assert code == 0 and count_generation == [5, 9]  # the second run answered only the 9 new questions
     answers = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
     assert len(answers) == 14 and len({a["question_id"] for a in answers}) == 14
-    assert answers[0]["prompt"].count(vqa.SHORT_ANSWER) == 1  # the file's own suffix is not doubled
+    assert answers[0]["prompt"].count(SHORT_ANSWER) == 1  # the file's own suffix is not doubled
     assert result["n"] == 14 and result["missing"]["count"] == 0
     assert result["model"] == str(model_dir.resolve())
     assert result["settings"]["max_new_tokens"] == 3 and result["settings"]["batch_size"] == 4
-    assert result["settings"]["prompt_suffix"] == vqa.SHORT_ANSWER
+    assert result["settings"]["prompt_suffix"] == SHORT_ANSWER
     assert set(result["per_category"]["category"]) == {"asset_code", "lamp", "gauge", "damage", "warning",
                                                         "severity", "action"}
     assert json.loads((out / "metrics.json").read_text()) == result
@@ -402,13 +406,43 @@ def test_run_input_errors(capsys, tmp_path, panels, model_dir):
     assert "must be at least 1" in _error(capsys, *base, "--model", model_dir, "--batch-size", "0")
     assert "required" in _error(capsys, "run", "--benchmark", "panels")
     parsed = vqa.parse_args(["run", "--benchmark", "panels", "--questions", "q.jsonl", "--out", "o"])
-    assert parsed.model == str(vqa.REPO_ROOT / "models" / "demo")
+    assert parsed.model == str(Path(vqa.__file__).resolve().parents[1] / "models" / "demo")
 
 
 def test_suffix_is_not_doubled():
-    assert vqa.with_suffix("Q?\n" + vqa.SHORT_ANSWER, vqa.SHORT_ANSWER) == "Q?\n" + vqa.SHORT_ANSWER
-    assert vqa.with_suffix("Q?", vqa.PROMPT_SUFFIX["vizwiz"]) == "Q?\n" + vqa.PROMPT_SUFFIX["vizwiz"]
+    assert with_suffix("Q?\n" + SHORT_ANSWER, SHORT_ANSWER) == "Q?\n" + SHORT_ANSWER
+    assert with_suffix("Q?", BENCHMARKS["vizwiz"].prompt_suffix) == "Q?\n" + BENCHMARKS["vizwiz"].prompt_suffix
 
+
+
+def test_every_benchmark_record_is_whole():
+    assert list(BENCHMARKS) == ["vqav2", "textvqa", "vizwiz", "gqa", "pope", "scienceqa", "panels"]
+    for name, record in BENCHMARKS.items():
+        assert record.name == name and set(record.formats) <= set(LAYOUTS), name
+        assert record.default_mode in record.modes and record.mode(None) == record.default_mode, name
+    with pytest.raises(ValueError, match="does not apply to panels"):
+        BENCHMARKS["panels"].mode("m4c")
+
+
+def test_a_benchmark_added_to_the_table_is_scored_and_offered(capsys, monkeypatch, vqav2_files):
+    """One record is all a benchmark needs: the command line offers it, its files are read and scored."""
+    questions, annotations, predictions = vqav2_files
+    monkeypatch.setitem(BENCHMARKS, "okvqa", dataclasses.replace(BENCHMARKS["vqav2"], name="okvqa",
+                                                                 default_mode="official"))
+    result = _score(capsys, "okvqa", predictions, [questions], [annotations])
+    assert result["benchmark"] == "okvqa" and result["mode"] == "official"
+    assert result == {**_score(capsys, "vqav2", predictions, [questions], [annotations], mode="official"),
+                      "benchmark": "okvqa", "settings": {**result["settings"], "benchmark": "okvqa"}}
+    gqa = _write(questions.parent / "gqa.json", {"1": {"imageId": "a", "question": "Q?", "answer": "x"}})
+    expected = "--benchmark okvqa reads: VQAv2 questions, VQAv2 annotations, LLaVA eval JSONL"
+    assert expected in _error(capsys, *_score_args("okvqa", predictions, annotations=[gqa]))
+
+
+def test_each_command_takes_verbose():
+    score_argv = ["score", "--benchmark", "vqav2", "--predictions", "p.json", "--annotations", "a.json"]
+    assert vqa.parse_args([*score_argv, "--verbose"]).verbose and not vqa.parse_args(score_argv).verbose
+    run_argv = ["run", "--benchmark", "panels", "--questions", "q.jsonl", "--out", "o"]
+    assert vqa.parse_args([*run_argv, "--verbose"]).verbose
 
 # ---- TextVQA: LLaVA's prompt, OCR tokens included, from the official files ---------------------------
 
@@ -459,18 +493,18 @@ def textvqa_files(tmp_path, panels):
 
 def test_textvqa_official_files_give_llavas_prompt_text(textvqa_files):
     questions, tokens, llava = textvqa_files
-    official, _ = vqa.load_benchmark("textvqa", [questions])
-    vqa.add_ocr(official, tokens)
-    assert [vqa.with_suffix(q.text, vqa.SHORT_ANSWER) for q in official] == [r["text"] for r in LLAVA_TEXTVQA]
-    theirs, _ = vqa.load_benchmark("textvqa", [llava])  # LLaVA's own file is asked exactly as it is
-    vqa.add_ocr(theirs, None)
-    assert [vqa.with_suffix(q.text, vqa.SHORT_ANSWER) for q in theirs] == [r["text"] for r in LLAVA_TEXTVQA]
+    official, _ = load_benchmark(BENCHMARKS["textvqa"], [questions])
+    add_ocr(official, tokens)
+    assert [with_suffix(q.text, SHORT_ANSWER) for q in official] == [r["text"] for r in LLAVA_TEXTVQA]
+    theirs, _ = load_benchmark(BENCHMARKS["textvqa"], [llava])  # LLaVA's own file is asked exactly as it is
+    add_ocr(theirs, None)
+    assert [with_suffix(q.text, SHORT_ANSWER) for q in theirs] == [r["text"] for r in LLAVA_TEXTVQA]
     # lmms-eval's copy of the questions carries the tokens in each record: the same text without --ocr.
-    data, table = json.loads(questions.read_text()), vqa.read_ocr(tokens)
+    data, table = json.loads(questions.read_text()), read_ocr(tokens)
     for record in data["data"]:
         record["ocr_tokens"] = table[record["image_id"]]
-    inline, _ = vqa.load_benchmark("textvqa", [_write(questions.parent / "inline.json", data)])
-    vqa.add_ocr(inline, None)
+    inline, _ = load_benchmark(BENCHMARKS["textvqa"], [_write(questions.parent / "inline.json", data)])
+    add_ocr(inline, None)
     assert [q.text for q in inline] == [q.text for q in official]
 
 
@@ -590,8 +624,8 @@ def test_vicuna_prompts_carry_one_bos(vicuna_model, panels, monkeypatch):
         return real(**inputs)
 
     monkeypatch.setattr(model, "generate_shared", capture)
-    questions, _ = vqa.load_benchmark("panels", [panels / "questions.jsonl"])
-    vqa.generate_answers(model, processor, questions[:3], panels, vqa.SHORT_ANSWER, 3, 1, lambda *a: None)
+    questions, _ = load_benchmark(BENCHMARKS["panels"], [panels / "questions.jsonl"])
+    generate_answers(model, processor, questions[:3], panels, SHORT_ANSWER, 3, 1, lambda *a: None)
     ids, mask = prompts[0]
     bos = processor.tokenizer.bos_token_id
     assert ids.shape[0] == 3 and bos is not None

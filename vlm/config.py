@@ -13,7 +13,6 @@ from typing import Any
 
 import yaml
 
-PROJECTORS = ("linear", "mlp2x_gelu", "merge2x2_mlp", "query_pool_mlp")
 FEATURE_SELECTS = ("patch", "cls_patch", "pooled")
 IMAGE_ASPECTS = ("pad", "resize", "crop")
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
@@ -25,14 +24,14 @@ class ModelConfig:
 
     vision_tower: str | list[str] = "openai/clip-vit-large-patch14-336"  # a list: fused towers (DINOv2 + SigLIP)
     language_model: str = "Qwen/Qwen2.5-0.5B-Instruct"
-    projector: str = "mlp2x_gelu"
+    projector: str = "mlp2x_gelu"  # a name in vlm.projector.PROJECTORS
     projector_queries: int = 32  # query_pool_mlp: visual tokens per image
     vision_feature_layer: int = -2
     vision_feature_select: str = "patch"  # "patch" drops CLS/registers (LLaVA-1.5), "cls_patch" keeps them, "pooled"
     image_size: int | None = None  # None: the tower's own resolution
     image_aspect: str = "pad"  # how a non-square image becomes square: pad | resize | crop
     image_token: str = "<image>"
-    chat_template: str | None = None  # None: the tokenizer's own; else a name in vlm.data.templates or Jinja text
+    chat_template: str | None = None  # None: the tokenizer's own; else a name in vlm.chat_templates or Jinja text
     split_at_images: bool = True  # tokenize text between images apart (LLaVA); False: whole (HF LlavaProcessor)
     dtype: str = "float32"
     # Filled in when a model is built; recorded so a saved folder describes itself.
@@ -41,7 +40,10 @@ class ModelConfig:
     adapter: bool = False  # a saved stage-2 result: its LoRA adapter (adapter/) belongs to it
 
     def __post_init__(self) -> None:
-        _check_choice("projector", self.projector, PROJECTORS)
+        # Imported here: the projector table holds torch modules, and importing vlm.config alone loads no torch.
+        from vlm.projector import projector_kind
+
+        projector_kind(self.projector)
         _check_choice("vision_feature_select", self.vision_feature_select, FEATURE_SELECTS)
         _check_choice("image_aspect", self.image_aspect, IMAGE_ASPECTS)
         if isinstance(self.vision_tower, list) and len(self.vision_tower) < 2:

@@ -1,25 +1,33 @@
-"""``python -m vlm.export SRC OUT``: write a Hugging Face Llava folder from a project model."""
+"""``vlm-export SRC OUT``: write a Hugging Face Llava folder from a project model.
+
+``python -m vlm.export`` is the same command.
+"""
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from vlm.hf_llava import ExportError, export_llava
-from vlm.loading import load_pretrained
+from vlm.cli import ArgumentParser, UsageError, fail, set_verbosity
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+    """The ``vlm-export`` command; returns the exit status (2: bad input, said in one line on stderr)."""
+    parser = ArgumentParser(prog="vlm-export", description=__doc__)
     parser.add_argument("src", help="a project model folder or hub id")
     parser.add_argument("out", help="the Llava folder to write")
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+        set_verbosity(args.verbose)
+    except UsageError as error:
+        return fail(error)
+    from vlm.hf_llava import ExportError, export_llava
+    from vlm.loading import load_pretrained
+
     try:
         model, processor = load_pretrained(args.src)
         out = export_llava(model, processor, args.out)
     except (ExportError, OSError, ValueError) as error:  # ModelFolderError is a ValueError
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return fail(error)
     print(f"wrote Hugging Face Llava folder {out}")
     return 0
 

@@ -6,6 +6,7 @@ reads the Llava checkpoint layout, including the older llava-hf key names it map
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -19,10 +20,11 @@ from transformers import (
 )
 
 from vlm.config import ModelConfig
-from vlm.model import VLM, _torch_dtype, check_weight_files, load_complete
+from vlm.model import VLM
 from vlm.processor import VLMProcessor, pixel_side
 from vlm.projector import MLPProjector
 from vlm.vision import VisionTower
+from vlm.weights import check_weight_files, load_complete, torch_dtype
 
 
 class ExportError(ValueError):
@@ -59,7 +61,7 @@ def export_llava(model: VLM, processor: VLMProcessor, out_dir: str | Path) -> Pa
     strategy = _llava_strategy(tower)
     side = config.image_size or tower.native_image_size
     # Llava calls the tower without interpolate_pos_encoding; one that always interpolates (DINOv2) takes any side.
-    if tower._interpolate and side != tower.encoder.config.image_size:
+    if tower.interpolates and side != tower.encoder.config.image_size:
         raise ExportError(f"cannot export because Llava does not interpolate position embeddings: the model "
                           f"reads {side}-px images with a {tower.encoder.config.image_size}-px tower")
     if hasattr(model.language_model, "peft_config"):
@@ -88,11 +90,37 @@ def export_llava(model: VLM, processor: VLMProcessor, out_dir: str | Path) -> Pa
     image_processor = LlavaImageProcessorPil(
         do_pad=config.image_aspect == "pad", image_mean=list(source.image_mean), image_std=list(source.image_std),
         resample=source.resample, rescale_factor=source.rescale_factor, **processor.pixel_rule(config.image_aspect))
+    template = content_list_template(processor.tokenizer.chat_template, config.image_token)
     LlavaProcessor(image_processor=image_processor, tokenizer=processor.tokenizer, patch_size=tower.patch_size,
                    vision_feature_select_strategy=strategy, image_token=config.image_token,
-                   num_additional_image_tokens=tower.prefix_tokens,
-                   chat_template=processor.tokenizer.chat_template).save_pretrained(out)
+                   num_additional_image_tokens=tower.prefix_tokens, chat_template=template).save_pretrained(out)
     return out
+
+
+def content_list_template(template: str | None, image_token: str) -> str | None:
+    """The LM's chat template, taking a message's ``content`` as text or as transformers' list of parts.
+
+    ``[{"type": "image"}, {"type": "text", "text": "What is shown?"}]`` becomes ``"<image>\\nWhat is shown?"``
+    before the template runs: the images first, a newline, then the text, as LLaVA's training data and
+    llava-hf's templates have it, so either form renders the same prompt. A template that already starts
+    so (an imported Llava folder exported again) is returned as it is.
+    """
+    token = json.dumps(image_token)  # a Jinja string literal
+    prelude = (
+        "{%- set parts = namespace(messages=[]) -%}"
+        "{%- for message in messages -%}"
+        "{%- if message['content'] is string or message['content'] is none -%}"
+        "{%- set parts.messages = parts.messages + [message] -%}"
+        "{%- else -%}"
+        "{%- set images = message['content'] | selectattr('type', 'equalto', 'image') | list | length -%}"
+        "{%- set text = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join -%}"
+        f"{{%- set parts.messages = parts.messages + [dict(message, content={token} * images + "
+        "('\\n' if images else '') + text)] -%}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- set messages = parts.messages -%}"
+    )
+    return template if template is None or template.startswith(prelude) else prelude + template
 
 
 def import_llava(path: str | Path, device: str | torch.device | None = None,
@@ -103,7 +131,7 @@ def import_llava(path: str | Path, device: str | torch.device | None = None,
     """
     check_weight_files(path)
     llava = load_complete(LlavaForConditionalGeneration.from_pretrained, path,
-                          dtype=_torch_dtype(dtype) if dtype else "auto", ignore_mismatched_sizes=True)
+                          dtype=torch_dtype(dtype) if dtype else "auto", ignore_mismatched_sizes=True)
     llava_config = llava.config
     if not isinstance(llava_config.vision_feature_layer, int):
         raise ValueError("cannot import a Llava model that concatenates several vision layers")

@@ -1,8 +1,14 @@
-"""Projectors: vision features ``[images, tokens, vision_width]`` -> LLM embeddings ``[images, tokens', llm_width]``."""
+"""Projectors: vision features ``[images, tokens, vision_width]`` -> LLM embeddings ``[images, tokens', llm_width]``.
+
+``PROJECTORS`` at the end is the one table of them: a config names a kind there, and the model reads from
+it how to build the kind, how many tokens it makes and what it needs of the tower.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -64,19 +70,49 @@ class QueryPoolProjector(nn.Module):
         return self.mlp(weights.transpose(1, 2) @ normed + self.query_embeddings.to(normed.dtype))
 
 
-def build_projector(kind: str, vision_width: int, llm_width: int, queries: int = 32) -> nn.Module:
-    if kind == "linear":
-        return nn.Linear(vision_width, llm_width)
-    if kind == "mlp2x_gelu":
-        return MLPProjector(vision_width, llm_width)
-    if kind == "merge2x2_mlp":
-        return Merge2x2Projector(vision_width, llm_width)
-    if kind == "query_pool_mlp":
-        return QueryPoolProjector(vision_width, llm_width, queries)
-    raise ValueError(f"unknown projector {kind!r}; choose linear, mlp2x_gelu, merge2x2_mlp or query_pool_mlp")
+@dataclass(frozen=True)
+class ProjectorKind:
+    """What the rest of the model needs to know about one kind of projector, beside how to build it.
+
+    ``build(vision_width, llm_width, queries)`` makes the module; ``tokens(vision_tokens, queries)`` is how many
+    visual tokens it makes of a tower's ``vision_tokens``. ``even_square_grid``: it needs the patches as an even
+    square grid (so never a NaFlex tower's free-shaped grid). ``fixed_tokens``: every image becomes the same
+    number of tokens whatever the tower gives. ``llava_names``: LLaVA's tensor name -> ours, where original
+    LLaVA checkpoints hold this kind (``mm_projector_type``).
+    """
+
+    build: Callable[[int, int, int], nn.Module]
+    tokens: Callable[[int, int], int] = lambda vision_tokens, queries: vision_tokens
+    even_square_grid: bool = False
+    fixed_tokens: bool = False
+    llava_names: dict[str, str] = field(default_factory=dict)
 
 
-def projected_tokens(kind: str, vision_tokens: int, queries: int = 32) -> int:
-    if kind == "query_pool_mlp":
-        return queries
-    return vision_tokens // 4 if kind == "merge2x2_mlp" else vision_tokens
+# The one table of projectors: a saved config.json names its kind here. A new kind is an entry (and its class).
+PROJECTORS: dict[str, ProjectorKind] = {
+    "linear": ProjectorKind(lambda vision, llm, queries: nn.Linear(vision, llm),
+                            llava_names={"weight": "weight", "bias": "bias"}),
+    "mlp2x_gelu": ProjectorKind(lambda vision, llm, queries: MLPProjector(vision, llm),
+                                llava_names={"0.weight": "linear_1.weight", "0.bias": "linear_1.bias",
+                                             "2.weight": "linear_2.weight", "2.bias": "linear_2.bias"}),
+    "merge2x2_mlp": ProjectorKind(lambda vision, llm, queries: Merge2x2Projector(vision, llm),
+                                  tokens=lambda vision_tokens, queries: vision_tokens // 4, even_square_grid=True),
+    "query_pool_mlp": ProjectorKind(lambda vision, llm, queries: QueryPoolProjector(vision, llm, queries),
+                                    tokens=lambda vision_tokens, queries: queries, fixed_tokens=True),
+}
+
+
+def projector_kind(name: str) -> ProjectorKind:
+    """The table's entry for ``name``, or the config's one-line error naming the known kinds."""
+    if name not in PROJECTORS:
+        raise ValueError(f"projector={name!r} is not one of {', '.join(PROJECTORS)}")
+    return PROJECTORS[name]
+
+
+def build_projector(name: str, vision_width: int, llm_width: int, queries: int = 32) -> nn.Module:
+    return projector_kind(name).build(vision_width, llm_width, queries)
+
+
+def projected_tokens(name: str, vision_tokens: int, queries: int = 32) -> int:
+    """Visual tokens per image that projector ``name`` makes of a tower's ``vision_tokens``."""
+    return projector_kind(name).tokens(vision_tokens, queries)

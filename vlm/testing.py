@@ -11,9 +11,9 @@ tests walk the same path as a hub model:
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -210,18 +210,29 @@ def real_size_parts(out_dir: str | Path, seed: int = 0) -> tuple[Path, Path]:
     return tower_dir, llm_dir
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Write the tiny random-weight parts used by configs/tiny.yaml.")
+def main(argv: list[str] | None = None) -> int:
+    """``python -m vlm.testing``; returns the exit status (2: bad input, said in one line on stderr)."""
+    from vlm.cli import ArgumentParser, UsageError, fail, set_verbosity
+
+    parser = ArgumentParser(prog="python -m vlm.testing",
+                            description="Write the tiny random-weight parts used by configs/tiny.yaml.")
     parser.add_argument("--out", default="runs/tiny-parts")
     parser.add_argument("--real-size", action="store_true", help="also write ViT-L/14-336 + Qwen2.5-0.5B")
-    args = parser.parse_args(argv)
-    out = Path(args.out)
+    try:
+        args = parser.parse_args(argv)
+        set_verbosity(args.verbose)
+        out = Path(args.out)
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"--out {out} exists and is not a folder")
+    except UsageError as error:
+        return fail(error)
     tiny_tower(out / "clip", image_size=56)
     tiny_lm(out / "llama", family="llama")
     if args.real_size:
         real_size_parts(out / "real")
     print(f"wrote tiny parts to {out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -66,7 +66,8 @@ class VisionTower(nn.Module):
         self.hidden_size: int = config.hidden_size
         parameters = inspect.signature(encoder.forward).parameters
         self.naflex: bool = "spatial_shapes" in parameters
-        self._interpolate = {"interpolate_pos_encoding": True} if "interpolate_pos_encoding" in parameters else {}
+        # An encoder that can resize its position embeddings reads images of any side.
+        self.interpolates: bool = "interpolate_pos_encoding" in parameters
         # A NaFlex config has a patch budget instead of a side; its square is the fixed-resolution size.
         fixed = getattr(config, "image_size", None) or math.isqrt(config.num_patches) * self.patch_size
         self.native_image_size: int = image_size or _side(fixed)
@@ -104,7 +105,8 @@ class VisionTower(nn.Module):
             outputs = self.encoder(pixel_values.to(dtype), pixel_attention_mask=mask.long(),
                                    spatial_shapes=spatial_shapes, output_hidden_states=True)
         else:
-            outputs = self.encoder(pixel_values.to(dtype), output_hidden_states=True, **self._interpolate)
+            outputs = self.encoder(pixel_values.to(dtype), output_hidden_states=True,
+                                   **({"interpolate_pos_encoding": True} if self.interpolates else {}))
         if self.select == "pooled":
             if getattr(outputs, "pooler_output", None) is None:
                 raise ValueError(f"vision_feature_select=pooled: {type(self.encoder).__name__} has no pooled output "

@@ -1,7 +1,7 @@
 """Zero-shot labels from a CLIP or SigLIP checkpoint's own text half: no training, no VLM.
 
-    python -m vlm.zeroshot --tower T --image X [X or FOLDER ...] --labels "a cracked panel" "an intact panel"
-    python -m vlm.zeroshot --tower T --image FOLDER --labels-file labels.txt --template "a photo of {}"
+    vlm-zeroshot --tower T --image X [X or FOLDER ...] --labels "a cracked panel" "an intact panel"
+    vlm-zeroshot --tower T --image FOLDER --labels-file labels.txt --template "a photo of {}"
 
 Each image is scored against every label with the checkpoint's logit scale (and bias): CLIP-style towers
 take a softmax over the labels (they compete: one of them holds), SigLIP-style towers a sigmoid per label
@@ -9,6 +9,7 @@ take a softmax over the labels (they compete: one of them holds), SigLIP-style t
 logit bias, CLIPModel none; a tower folder may name its own in ``zeroshot.json``); ``--activation``
 overrides it. Several ``--template``s average the labels' text embeddings, as CLIP's prompt ensembles do.
 ``--tower`` takes a whole CLIP/SigLIP folder or hub id, or a project model folder (its ``vision_tower``).
+``python -m vlm.zeroshot`` is the same command.
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel
 
+from vlm.cli import DEMO_MODEL, ArgumentParser, UsageError, fail, require_model_folder, set_verbosity
 from vlm.images import ImageError, load_image
 from vlm.processor import load_image_processor
 
-DEFAULT_TOWER = Path(__file__).resolve().parents[1] / "models" / "demo"
+DEFAULT_TOWER = DEMO_MODEL
 # How a tower folder whose weights do not say it scores (a CLIPModel trained with SigLIP's loss keeps its
 # bias outside the model): {"activation": "sigmoid" | "softmax", "logit_bias": float}.
 SETTINGS_FILE = "zeroshot.json"
@@ -36,6 +38,7 @@ ACTIVATIONS = ("softmax", "sigmoid")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 SIGLIP_TYPES = ("siglip", "siglip2")  # their text towers pool the last position: pad to the length they trained on
 BATCH = 32
+PROG = "vlm.zeroshot"  # the prefix of its error lines
 
 
 class ZeroShotError(ValueError):
@@ -215,14 +218,9 @@ def check_templates(templates: Sequence[str]) -> list[str]:
     return list(templates)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, not argparse's usage dump
-        raise ZeroShotError(message)
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = _Parser(prog="python -m vlm.zeroshot", description=__doc__,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="vlm-zeroshot", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tower", default=str(DEFAULT_TOWER),
                         help="whole CLIP/SigLIP folder or hub id, or a model folder (default: models/demo)")
     parser.add_argument("--image", nargs="+", required=True, help="image files and/or folders of images")
@@ -262,16 +260,16 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``vlm-zeroshot`` command; returns the exit status (2: bad input, said in one line on stderr)."""
     try:
         args = parse_args(argv)
+        set_verbosity(args.verbose)
+        require_model_folder(args.tower, DEFAULT_TOWER, flag="--tower")
         results = run(args)
-    except (ZeroShotError, ImageError) as error:
-        print(f"vlm.zeroshot: error: {error}", file=sys.stderr)
-        return 2
-    except (OSError, ValueError) as error:  # a broken model folder (vlm.model.ModelFolderError is a ValueError)
-        print(f"vlm.zeroshot: error: {str(error).splitlines()[0] if str(error) else type(error).__name__}",
-              file=sys.stderr)
-        return 2
+    except (UsageError, ZeroShotError, ImageError) as error:
+        return fail(error, PROG)
+    except (OSError, ValueError) as error:  # a broken model folder (vlm.loading.ModelFolderError is a ValueError)
+        return fail(str(error).splitlines()[0] if str(error) else type(error).__name__, PROG)
     if args.json:
         print(json.dumps(results, indent=2))
         return 0

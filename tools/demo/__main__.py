@@ -57,9 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import torch
 
-    # The recipe never runs more threads than this in all: on the 2-core machine a tower step took 3.9 s
-    # with 2 threads beside another busy process and 0.29 s with 1 (OpenMP threads wait for each other
-    # at every barrier), and 0.39 s with 2 threads alone against 0.59 s with 1.
+    # The recipe never runs more threads than this in all: OpenMP threads wait for each other at every
+    # barrier, so one thread on a core that another process holds stalls every step.
     torch.set_num_threads(args.threads)
     if args.command == "stages":
         if not (args.work / "recipe.json").is_file():

@@ -10,10 +10,9 @@ beside the contrastive one do in CoCa or LocCa, and a where head learns to point
 fact. The where head becomes the queries of the demo's projector (``seed_query_projector``); the
 other heads are saved beside the tower as a record of what it reads.
 
-Measured on this CPU (held-out panels, 128 px): pooled readouts of the facts (learned-query attention,
-or one linear map over the whole token grid) left the code at chance after 128k images; a readout
-tied to the spot where each fact is drawn is local and the same everywhere in the image, which is what
-a small ViT trained from scratch on a few thousand images can learn.
+Each fact is read at its own patch because such a readout is local and the same everywhere in the
+image, which a small ViT trained from scratch can learn; pooled readouts (learned-query attention, one
+linear map over the token grid) left the code unread (docs/demo-model.md).
 """
 
 from __future__ import annotations
@@ -41,24 +40,21 @@ GLYPHS = CODE_LETTERS + DIGITS + "-"  # the characters an asset code is printed 
 CODE_SLOTS = tuple(range(7))  # every character of "AB-1234", the dash too: the LM copies the print as it is
 MAX_LAMPS = 4
 # One entry per fact: (head, classes). Facts of one kind share a head: a glyph looks the same in every
-# slot of the code, so one classifier reads all seven characters (the dash too) (with 20,000 panels: letters 39% after
-# 500 steps with a head per kind of character; per slot on 5,000 panels: 9%).
+# slot of the code, so one classifier reads all seven characters (the dash too) and sees every slot's examples.
 SPOTS = ([("code", len(GLYPHS))] * len(CODE_SLOTS) + [("lamp", 2 * len(LAMP_LABELS))] * MAX_LAMPS
          + [("gauge", 101), ("warning", 2)] + [("damage", 1 + len(DAMAGE_TYPES))] * len(LOCATIONS))
 HEADS = dict(SPOTS)
 CODE_WEIGHT = 2.0  # the code needs all seven characters right: its reading weighs double among the facts
 # The code's letters weigh this much more than its digits: a code has two letter slots of 23 glyphs against
-# four of 10 digits, so each letter is seen about a fifth as often, and one build's heads read letters 89.5%
-# against digits 98.5%. Same panels and seed, fact heads only, held-out after 1,000 steps: letters / digits
-# 81.3 / 88.2% with 3 against 65.7 / 91.8% with 1, whole codes 44 against 30% (the other facts within 1 point).
+# four of 10 digits, so each letter is seen about a fifth as often and, unweighted, lags the digits.
 LETTER_WEIGHT = 3.0
 GAUGE_SIGMA = 1.5  # gauge targets are soft: 42 vs 43 is a near miss, not a wrong class
 # The projector pools with the where head's scores times this: the softmax then sits on the fact's own
 # patch instead of spreading over its neighbours (a code character's neighbours are other characters).
 POOL_SHARPNESS = 4.0
 IGNORE = -100
-# Nine cells in ten are intact: unweighted, the damage head read 99.8% of intact cells right but only
-# 74% of damaged ones as damaged (dents 35%), held-out. A damaged class weighs this much more.
+# Nine cells in ten are intact, so unweighted the damage head calls many damaged cells intact (dents most):
+# a damaged class weighs this much more.
 DAMAGE_CLASS_WEIGHTS = torch.tensor([1.0] + [3.0] * len(DAMAGE_TYPES))
 
 
@@ -152,10 +148,10 @@ def where_loss(where: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def glyph_loss(logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-    """The code head's loss: softmax cross-entropy (which learns to read faster: letters 17% vs 13% and
-    digits 42% vs 38% after 500 steps, same panels) plus one-vs-rest cross-entropy summed over glyphs,
-    which pins the logits' level (above zero for the glyph shown, below for the rest), each in units of
-    chance; ``labels`` None: no glyph is there, every logit belongs below zero."""
+    """The code head's loss: softmax cross-entropy (with it the head learns to read sooner) plus
+    one-vs-rest cross-entropy summed over glyphs, which pins the logits' level (above zero for the glyph
+    shown, below for the rest), each in units of chance; ``labels`` None: no glyph is there, every logit
+    belongs below zero."""
     classes = logits.shape[-1]
     wanted = torch.zeros_like(logits) if labels is None else F.one_hot(labels, classes).to(logits.dtype)
     one_vs_rest = F.binary_cross_entropy_with_logits(logits, wanted, reduction="none").sum(-1).mean()
@@ -190,9 +186,8 @@ def field_loss(logits: list[torch.Tensor], targets: torch.Tensor) -> torch.Tenso
     losses.append(glyph_loss(elsewhere[other_present], None))
     weights.append(1.0)
     weights_t = torch.tensor(weights, dtype=where.dtype, device=where.device)
-    # Pointing weighs as much as all the reading: as one term among the facts' (1/22) it was still at
-    # 0.07-0.11 of the softmax on a code character's patch after 1,000 steps, and the projector's
-    # tokens pool what it points at.
+    # Pointing weighs as much as all the reading: as one term among the facts' its softmax stayed spread
+    # far beyond a code character's patch, and the projector's tokens pool what it points at.
     return (torch.stack(losses) * weights_t).sum() / weights_t.sum() + where_loss(where, targets)
 
 
@@ -258,8 +253,8 @@ def zero_residual_branches(vision_model: nn.Module) -> None:
     """Start every attention and MLP branch at zero, so the tower begins as its patch embedding.
 
     The field heads can then read pixel features from the first step while the layers learn what to
-    add (skip-init, as LayerScale or Fixup do). From the default init, a tower this size sat at chance
-    on every field for the first ~50k images; with it, learning starts at once (see recipe.json).
+    add (skip-init, as LayerScale or Fixup do): from the default init a tower this size sits at chance
+    on every field for a long stretch before it starts to learn.
     """
     with torch.no_grad():
         for layer in vision_model.encoder.layers:

@@ -23,6 +23,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config
 
+from eval.formats import Question
 from tools.demo.score import answer_from_twins, panel_metas, score
 from tools.demo.twin import DAMAGE_WORDS, FACT_TOKENS, image_twin, special_twin_tokens
 from vlm.inspection import LOCATIONS, REPORT_PROMPTS
@@ -96,10 +97,8 @@ def compose_damage_embeddings(model, tokenizer: PreTrainedTokenizerFast) -> None
     tokens (" top-left", " dent"): the six tokens of a cell then share a direction from the first step,
     as the question's words do, and the LM can find the asked cell among nine.
 
-    Gate panels, from the exact twins, after instruction rounds 1 and 2 (damage present/absent, type, %):
-    plain start and the folder's questions: 86 / 85, 79 / 79; with ``cell_question_records``: 88.5 / 84.5,
-    85 / 80.5; with both: 95 / 96, 94 / 98. Composing the lamp tokens too (``<FAULT on>`` from the code's
-    capital letters) kept the LM from copying the code in those two rounds.
+    Only the damage tokens: composing the lamp tokens too (``<FAULT on>`` from the code's capitals) kept
+    the LM from copying the code.
     """
     embeddings = model.get_input_embeddings().weight
     for (location, state), token in zip(DAMAGE_WORDS, FACT_TOKENS["damage"], strict=True):
@@ -159,10 +158,8 @@ def pretrain_lm(texts: list[str], tokenizer: PreTrainedTokenizerFast, out_dir: s
             "parameters": sum(p.numel() for p in model.parameters()), "seconds": seconds}
 
 
-# Questions the LM's instruction tuning asks twice: the answers it must copy digit by digit from the twin.
-# Copying arrives as a jump after some rounds; with reports in the mix, one build's gauge came only in
-# its fourth and last round (22.5% -> 98.5% from the exact twin), and the model read the gauge within
-# +/-5 on 34% of held-out panels against 55% in a build whose LM had it by round 2.
+# Questions the LM's instruction tuning asks twice: the answers it must copy digit by digit from the twin,
+# a skill that arrives late and that the model's reading depends on.
 COPIED_TWICE = ("asset_code", "gauge")
 
 
@@ -170,9 +167,8 @@ def question_records(data_dir: str | Path) -> list[dict]:
     """The LM's instruction tuning: every eval-style question of a synth folder (``questions.jsonl``) as a
     one-turn LLaVA conversation, the ``COPIED_TWICE`` categories twice.
 
-    Measured from text, held-out panels: 2,000 steps of these took the LM from 0% to 100% of codes
-    copied from the tag's print (97 s); 600 steps of the all-questions records (each asks for the code
-    once, among six other questions) or of the stage-2 mixture left it at 0%.
+    One question per record teaches copying the code from the print; records asking for it once among
+    six other questions do not.
     """
     records = []
     for line in (Path(data_dir) / "questions.jsonl").read_text().splitlines():
@@ -188,9 +184,8 @@ def cell_question_records(data_dir: str | Path, seed: int = 0) -> list[dict]:
     intact cells (one at least), drawn with ``seed``: the LM must find the asked cell's twin token.
 
     The folder's own questions ask about one cell per panel, a damaged one 70% of the time, and an LM
-    tuned on them answered by whichever damage the twin held: damage present/absent 86% and type 79%
-    right from the exact twins of the gate panels, round after round. With these and
-    ``compose_damage_embeddings``, 95% and 94% after one round (88.5% and 85% with these alone).
+    tuned on them answers by whichever damage the twin holds instead of finding the asked cell; these
+    records and ``compose_damage_embeddings`` together fix that.
     """
     rng, records = random.Random(seed), []
     for meta in panel_metas(data_dir):
@@ -207,10 +202,8 @@ def sentence_records(data_dir: str | Path, seed: int = 0) -> list[dict]:
     """For each panel of a synth folder, the ``COPIED_TWICE`` questions as a user asks them (no answer
     format asked) with the full-sentence answer ("The asset tag reads KX-4821."), phrasings drawn with ``seed``.
 
-    Copying the code after "What is the asset code?" is a skill of its own: one build's LM copied it
-    into 100% of short answers from the exact twins and its model read 77% of held-out codes, yet that
-    model put the right code into "The asset tag reads ..." for 4% of them (digits shifted by one); an
-    earlier build, whose LM did copy codes into reports, had 57.5% there, as many as in short answers.
+    Copying the code into a sentence is a skill of its own: an LM that copies it into every short answer
+    may still put a wrong code into "The asset tag reads ...".
     """
     rng, records = random.Random(seed), []
     for meta in panel_metas(data_dir):
@@ -226,9 +219,8 @@ def instruction_records(data_dir: str | Path, long_share: float = 0.2, seed: int
     """``question_records``, ``cell_question_records`` and ``sentence_records``, plus JSON reports and detailed descriptions of the
     same folder (``instruct.json``), as many as ``long_share`` of the questions, drawn at random with ``seed``.
 
-    On questions alone the LM forgets every other format: one build's LM, given an exact twin and the
-    report prompt, answered with a bare code (0 of 40 reports); 1,000 more steps with reports and
-    descriptions as a fifth of the mix put the right code and gauge in 40 of 40.
+    On questions alone the LM forgets every other format (it answers the report prompt with a bare
+    code), so reports and descriptions stay in the mix.
     """
     questions = question_records(data_dir)
     longs = [r for r in json.loads((Path(data_dir) / "instruct.json").read_text())
@@ -246,7 +238,7 @@ def report_codes(model, tokenizer: PreTrainedTokenizerFast, data_dir: str | Path
     """Share of the first ``limit`` panels of ``data_dir`` whose report, written by the bare LM from the
     panel's exact twin, carries the panel's asset code (greedy, unconstrained)."""
     metas = panel_metas(data_dir, limit)
-    prompts = [{"image": m["image"], "text": REPORT_PROMPTS[0]} for m in metas]
+    prompts = [Question(m["id"], m["id"], REPORT_PROMPTS[0], m["image"]) for m in metas]
     replies = answer_from_twins(model, tokenizer, prompts, {m["image"]: image_twin(m["report"]) for m in metas},
                                 max_new_tokens=256, desc="LM reports")
     codes = [re.search(r'"asset_code": "([^"]*)"', reply) for reply in replies]
@@ -264,9 +256,8 @@ def tune_until_it_answers(texts_dir: str | Path, records: list[dict], tokenizer:
 
     ``gate_dir``: a synth folder of its own seed, so the codes are ones it never saw (a copy test) and
     the gate never looks at the panels the demo is scored on. Copying the code arrives as a jump whose
-    step varies from run to run (0% -> 100% between 400 and 500 steps on the code questions alone; 6.5%
-    after a 2,500-step round in one build, 100% after one more round); the other facts come with more
-    rounds too (lamps 86% after one round in one build, 96.5% after two in another).
+    step varies from run to run, and the other facts need more rounds too, so the gate checks after
+    every round instead of fixing their number.
     ``rounds_done``: rounds an earlier run already gave this LM (a rerun goes on from there). Returns one
     entry per round, after the check before the first; ``on_check`` gets each entry as soon as it is made.
     """
@@ -299,11 +290,9 @@ def length_grouped_batches(records: list[dict], batch_size: int, rng: random.Ran
     """Endless random batches of one kind: short records or long ones (``long_chars`` and more in all
     turns), each kind as often as its share of ``records``.
 
-    A report is ~4x a short answer's tokens, and one in a random batch pads all of it to its length:
-    1,000 steps took 207 s in random batches with a fifth as many reports as questions, 92 s in batches
-    of one kind with a tenth (2 cores). Sorting a sample by length, as transformers' ``group_by_length``
-    does, also made batches of one question each, and damage types from the exact twin fell from 84%
-    to 57.5% in 1,000 steps.
+    A report is ~4x a short answer's tokens, and one in a random batch pads all of it to its length;
+    sorting by length, as transformers' ``group_by_length`` does, makes batches of one question each,
+    and the LM then learns damage types worse.
     """
     def length(record: dict) -> int:
         return sum(len(turn["value"]) for turn in record["conversations"])
@@ -321,10 +310,8 @@ def instruction_tune(texts_dir: str | Path, records: list[dict], tokenizer: PreT
     """Supervised tuning of the pretrained LM on conversations (the panel's twin where the image goes),
     loss on the replies only, as an instruct LLM is made from its base; saves over ``lm_dir``.
 
-    Answers are a small share of the corpus' tokens: pretrained on every token (1,500 steps; 3,000 with
-    half the rows random strings written twice, the classic data for induction) the LM copied 0% of
-    held-out codes from the tag's print (the code alone, where the twin now stands). With the loss on the replies alone it learns to copy within a
-    few hundred steps: 0% -> 100% after 2,000 steps of ``question_records`` (97 s).
+    Answers are a small share of the corpus' tokens, so pretraining on every token does not teach copying
+    them from the twin; with the loss on the replies alone the LM learns it within a few thousand steps.
     ``records`` are LLaVA conversations over the panels of ``texts_dir``.
     """
     from vlm.data.dataset import collate

@@ -29,6 +29,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
+from eval.answering import user_turn
 from tools.demo.contrastive import (
     TowerSpec,
     evaluate_fields,
@@ -49,7 +50,7 @@ from tools.demo.lm import (
     train_tokenizer,
     tune_until_it_answers,
 )
-from tools.demo.score import score
+from tools.demo.score import CHAT_CODE_PROMPT, score
 from tools.demo.twin import TWIN_SPOTS, distil_projector, twin_accuracy, twin_token_ids, twin_vocabulary
 from vlm.config import load_config
 from vlm.data.cache import FeatureCache, record_image_key
@@ -67,62 +68,38 @@ TRAIN_SEED, EVAL_SEED, EXAMPLE_SEED, GATE_SEED = 1000, 2000, 3000, 4000
 class Budget:
     """How much of everything; ``QUICK`` is the same pipeline shrunk to a smoke test."""
 
-    n_train: int = 20000  # code letters after 500 tower steps: 39% (20,000 panels, shared heads), 9% (5,000, per slot)
+    n_train: int = 20000  # the shared glyph head sees each character more often
     n_eval: int = 200
     vocab_size: int = 1024
     lm_steps: int = 1500
     lm_instruct_steps: int = 2500  # replies only: the LM learns to answer from the twin (see tools.demo.lm.instruction_records)
     lm_instruct_more_steps: int = 1000  # further rounds until it does (tools.demo.lm.tune_until_it_answers)
-    # The code in reports from exact twins by round, one build: 0, 38, 90, 100%; the next: 0, 0, 16, 30%
-    # (while its short answers had the code from round 3). The LM runs beside the tower: rounds are cheap.
+    # Copying the code into reports arrives after a varying number of rounds; the LM runs beside the tower:
+    # rounds are cheap.
     lm_instruct_rounds: int = 6
-    # The LM holds one core for ~2,050 s of the tower's ~2,400, so its steps are the tower's. Two shortcuts
-    # failed the gate (exact twins of the gate panels): one round of 4,000 steps left damage present at 94.5%,
-    # and after 1,000 more lamps fell to 94.0%, so at best it saves 500 of the 6,500 steps. Pretraining for
-    # 750 steps instead of 1,500 left damage present at 82-82.5% after 4,000 + 2 x 1,000 steps, and with
-    # these rounds lamps at 90% after round 4 (95% with the full pretraining).
+    # The LM holds one core for most of the tower's time, so its steps are the tower's; the shortcuts tried
+    # (one long round, half the pretraining) missed the gate.
     lm_long_share: float = 0.2  # reports and descriptions per question record (see tools.demo.lm.instruction_records)
     lm_hidden: int = 128
     lm_layers: int = 4
-    # SigLIP's sigmoid loss: held-out code letters / digits by the fact heads after 250, 500 and 1,000 steps
-    # were 12 / 34, 27 / 53 and 48 / 68% with it, against 7 / 24, 14 / 39 and 32 / 55% with CLIP's
-    # softmax loss (and 7 / 30% at 250 steps in a second CLIP build). Equal 100-step runs scored by
-    # zero-shot caption checks, the earlier criterion, flipped between builds (means 0.437 vs 0.404
-    # for CLIP, then 0.409 vs 0.437): noise at that budget, where the reading is not.
+    # SigLIP's sigmoid loss taught the fact heads to read sooner than CLIP's softmax loss; zero-shot caption
+    # checks were too noisy to choose by.
     tower_loss: str = "siglip"
-    # The caption loss's weight beside the fields' (the reading). At 1 SigLIP's term was ~3.5 against the
-    # fields' ~1 for a whole build, and the step's gradient is clipped as one. Same panels and seed, one
-    # core each, 1,600 steps of 16, held-out by the fact heads, weight 0.2 against 1 after 400 / 800 / 1,600
-    # steps: code letters 34 / 57 / 79 against 28 / 46 / 62%, digits 47 / 69 / 85 against 37 / 59 / 76%,
-    # whole codes (pooled) 0 / 6 / 36 against 0 / 1 / 13%, gauge within +/-5 34 / 50 / 61 against 22 / 46
-    # / 53%. The caption loss itself ended at 2.99 against 2.38: it still learns, more slowly.
+    # The caption loss's weight beside the fields' (the reading): at 1 it dominated the step's loss and its
+    # one clipped gradient and slowed the reading; at 0.2 it still learns.
     tower_contrastive_weight: float = 0.2
-    # A step count, so that a slower LM beside it cannot shorten the tower's schedule (one build's tower
-    # got 2,323 steps in 36 min, another 2,475 in 32); the minutes are a cap, and ``tower_seconds`` ends it
-    # sooner on a slow day so that the whole build stays within ``build_minutes``.
-    # 8,000 of 16 (4,000 of 32 before): with four heads of 32 one build got 3,190 steps of 32 in its 45 min;
-    # SPEC's heads and GELU and ``keep_freed_memory`` take 13% (1 core: 1.12 -> 0.97 s) to 23% (2 cores:
-    # 0.65 -> 0.50 s) off a step.
+    # A step count, so that a slower LM beside it cannot shorten the tower's schedule; the minutes are a cap,
+    # and ``tower_seconds`` ends it sooner on a slow day so the build stays within ``build_minutes``.
     tower_steps: int = 8000
     tower_minutes: float | None = 43.5
     build_minutes: float | None = 60.0
-    # Batches of 16 at lr 1.4e-3 against 32 at 2e-3, fact heads only, same panels, the same 32,000 images
-    # in the same wall time (21.0 vs 21.4 min): held-out whole codes by the pooled characters 58 vs 46%,
-    # at each character's patch 51 vs 44%, letters / digits 83 / 91 vs 81 / 88%, gauge +/-5 63 vs 59%
-    # (16 at 2e-3: 51, 44, 81 / 91, 65%).
+    # Batches of 16 at lr 1.4e-3: in the same images and time they read more whole codes than 32 at 2e-3.
     tower_batch: int = 16
     tower_lr: float = 1.4e-3
-    # Every image whole. FLIP's patch dropping (half the patches, every fact's kept, whole images for the
-    # last tenth) won an early race, one core each for 1,000 s on the same panels: 1,938 steps against
-    # 1,002, held-out whole codes 19 vs 3%, letters 65.8 vs 47.0%. In a build it fell behind: whole codes
-    # 37 / 50% after 3,000 / 4,000 steps against 72 / 81% with whole images, and 58% at its end (4,812
-    # steps, against 82% after 4,344); the LM's pretraining beside it also ran 895 s instead of 674, which
-    # cut the tower's time to 2,018 s and left the LM running after it.
-    # Held-out, nearest twin token, one build's tower: letters 68.5 / 75%, whole codes 36 / 41%, damaged
-    # cells seen 65 / 74%, gauge within +/-5 45.5 / 55% after 2,000 / 4,000 steps; on a later tower, whole
-    # codes 50.5 / 53.5% after 4,000 / 8,000 (89 / 180 s). On the shipped build's tower, 4,000 / 8,000 steps:
-    # whole codes 77 / 78%, lamps 66 / 68%, gauge within +/-5 62.5 / 61%, damaged cells seen 68 / 68%, in
-    # 156 / 317 s on a slow day: the tower, where the reading is learnt, gets the 2.7 min instead.
+    # Every image whole: FLIP's patch dropping wins early on more steps but reads fewer codes by the build's
+    # end, and slows the LM beside it.
+    # Twice the steps distil no better on a well-trained tower; the tower, where the reading is learnt, gets
+    # the minutes instead.
     distil_steps: int = 4000
     distil_panels: int | None = None  # all: stage 1 needs the tower's features of every panel anyway
     align_steps: int = 300
@@ -134,28 +111,21 @@ class Budget:
 QUICK = Budget(n_train=48, n_eval=4, vocab_size=640, lm_steps=4, lm_instruct_steps=2, lm_instruct_more_steps=2,
                lm_instruct_rounds=2, lm_hidden=64, lm_layers=2, tower_steps=3, tower_minutes=None, build_minutes=None,
                tower_batch=16, distil_steps=2, align_steps=2, instruct_steps=2, long_answer_share=1.0)
-# 128 px is vlm.synth's minimum and the code is still legible by eye there (glyphs ~7x10 px). Measured with
-# the per-patch fact heads (tools.demo.probe, 700 steps of 32, same panels): 16-px patches hold two code
-# characters each and stayed near chance (letters 8%, digits 15%); 8-px patches reached 26% and 54% and
-# were still climbing, at 5x the time per step. So 8-px patches. Width 128 reads faster per second than 64
-# though each step takes 2.6x as long: after 9.2 min, letters 42% / digits 66% (500 steps) against 30% / 54%
-# (1,250 steps of width 64, 10 min).
-# Two heads of 64 and exact GELU in place of four heads of 32 and quick GELU: a step takes 0.57 instead of
-# 0.65 s on 2 cores (0.50 vs 0.57 s with ``keep_freed_memory``), and 600 steps on 10,000 panels read as
-# well (held-out letters 23.0 vs 21.8%, digits 46.6 vs 46.5%, pooled characters 42.6 vs 43.3%).
+# 128 px is vlm.synth's minimum and the code is still legible by eye there (glyphs ~7x10 px); 8-px patches,
+# since at 16 px two code characters share a token; width 128 reads faster per second than 64.
+# Two heads of 64 and exact GELU: a faster step than four heads of 32 and quick GELU, reading as well.
 SPEC = TowerSpec(image_size=128, patch_size=8, width=128, layers=6, text_width=64, text_layers=2, embed_dim=64,
                  head_width=64, activation="gelu")
 QUICK_SPEC = TowerSpec(image_size=128, patch_size=32, width=64, layers=1, text_width=64, text_layers=1, embed_dim=32)
 
 
 # What follows the tower (distillation, both stages, evals; both cores) scales with the day's machine speed,
-# which the LM's fixed-size pretraining measures first: measured ratios ran 1.14-1.56x; 1.45 covers the slow
-# days within the hour (measurements: docs/demo-model.md).
+# which the LM's fixed-size pretraining measures first; 1.45x covers the slow days.
 AFTER_TOWER_PER_PRETRAINING_SECOND = 1.45
 
 
-# Stage 2 sizes itself by the clock: its step took 2.1-2.9x stage 1's on both cores, and around its loop come
-# ~75 s of checks, loading, merging and saving; on a slow day it gets the steps the hour has left.
+# Stage 2 sizes itself by the clock: its step is a few times stage 1's, and around its loop come checks,
+# loading, merging and saving; on a slow day it gets the steps the hour has left.
 STAGE2_PER_STAGE1_STEP = 2.6
 STAGE2_FIXED_SECONDS = 75.0
 
@@ -168,8 +138,8 @@ def stage2_steps(budget: Budget, seconds_left: float | None, stage1_history: lis
     return max(1, min(budget.instruct_steps, int((seconds_left - STAGE2_FIXED_SECONDS) / per_step)))
 
 
-# The LM's tuning rounds took 1.7-2.1x its pretraining; when they end after the tower's clock limit, the build
-# would wait with a core idle, so the tower trains on until the LM's predicted end (two rules below).
+# The LM's tuning rounds take longer than its pretraining; when they end after the tower's clock limit, the
+# build would wait with a core idle, so the tower trains on until the LM's predicted end (two rules below).
 LM_TUNING_PER_PRETRAINING_SECOND = 1.75
 LM_ROUNDS = 5
 LM_LAST_CHECK_SECONDS = 30.0  # after the last round: the held-out score from the twins, and saving
@@ -225,10 +195,9 @@ def keep_freed_memory() -> bool:
     """Ask glibc to keep freed memory for reuse instead of handing large blocks back to the OS at once.
 
     By default every block above the (at most 32 MB) mmap threshold is unmapped when freed, so each
-    training step's activations fault their pages in again. Measured on the 2-core machine, one tower
-    step: 0.65 -> 0.57 s (2 threads), and with GELU and 64-wide heads as well, 0.57 -> 0.50 s. The
-    process then holds on to its peak memory, which is what a training loop reuses anyway. Returns
-    whether it took effect (not glibc: nothing happens).
+    training step's activations fault their pages in again. The process then holds on to its peak
+    memory, which is what a training loop reuses anyway. Returns whether it took effect (not glibc:
+    nothing happens).
     """
     name = ctypes.util.find_library("c")
     libc = ctypes.CDLL(name) if name else None
@@ -315,8 +284,8 @@ def drawn_records(records: list[dict], count: int | None, seed: int, path: Path)
     samples draws, and return the file.
 
     The trainer checks every record of its file before the first step and hashes every image for the
-    feature cache: over the 44,063 records of the full stage-2 mixture that took 96 s, for the 16,000 a
-    stage draws in one pass. A random choice of them is what the shuffled sampler would have drawn.
+    feature cache: over the full stage-2 mixture that costs several times what the records a stage draws
+    in one pass need. A random choice of them is what the shuffled sampler would have drawn.
     """
     if count is not None and count < len(records):
         records = random.Random(seed).sample(records, count)
@@ -562,7 +531,7 @@ def run_stages(recipe: Recipe, out: Path, budget: Budget, spec: TowerSpec, heads
             image, truth = generate_panel(EXAMPLE_SEED, 0, spec.image_size)
             example.parent.mkdir(parents=True, exist_ok=True)
             image.save(example, format="JPEG", quality=95)
-            prompt = processor.apply_chat_template([{"role": "user", "content": "<image>\nWhat is the asset code?"}])
+            prompt = processor.apply_chat_template(user_turn(processor.image_token, CHAT_CODE_PROMPT))
             inputs = processor(images=[example], text=[prompt], return_tensors="pt")
             answer = model.generate(**inputs, max_new_tokens=16, do_sample=False,
                                     pad_token_id=processor.tokenizer.pad_token_id)

@@ -7,10 +7,9 @@ from text. The projector is then distilled, on the frozen tower's features, to p
 twin-token embedding at its visual token (``distil_projector``): reading a panel becomes what the LM
 already does with its text.
 
-Measured on the width-128 tower of one build (held-out panels): seeded from the glyph head through the
-projector's GELU, only 23% of the code letters landed nearest their own glyph embedding, against 60%
-read by the head itself; the LM copied the tag's print 100% from text but 0% once 15 untrained visual
-tokens followed it. With a twin for every fact, the LM has seen every visual token's meaning in text.
+Why a twin: a projector seeded from the fact heads lost much of what the heads read, and an LM that
+copied the tag's print from text copied none of it once untrained visual tokens followed it. With a
+twin for every fact, the LM has seen every visual token's meaning in text (docs/demo-model.md).
 """
 
 from __future__ import annotations
@@ -35,21 +34,17 @@ FACT_TOKENS: dict[str, list[str]] = {
     "lamp": [f"<{label} {state}>" for label in LAMP_LABELS for state in ("off", "on")] + ["<no lamp>"],
     "warning": ["<no warning>", "<warning>"],
     # One token per cell and state ("<top-left dent>"), as a lamp's token carries its label: from
-    # "<intact>"/"<dent>" in grid order the LM had to count to the asked cell, and answered damage
-    # present/absent 80% and its type 75% right from the exact twin (81% and 89.5% with these).
+    # "<intact>"/"<dent>" in grid order the LM had to count to the asked cell and often named the wrong type.
     "damage": [f"<{location} {state}>" for location, state in DAMAGE_WORDS],
 }
 DAMAGE_STATES = 1 + len(DAMAGE_TYPES)
 VOCABULARY: list[str] = [token for tokens in FACT_TOKENS.values() for token in tokens]  # ``twin_vocabulary``'s order
 NO_LAMP = len(FACT_TOKENS["lamp"]) - 1
-# The gauge reading is written as three ordinary digits ("042"), copied as the code is. As one token of
-# 101 (``<gauge 42>``), the LM answered within +/-5 only 27.5% of the time from the exact twin, mostly
-# with the tens digit wrong; it copies the code's digits 99% right.
+# The gauge reading is written as three ordinary digits ("042"), copied as the code's digits are: as one
+# token of 101 (``<gauge 42>``) the LM, even from the exact twin, mostly got the tens wrong.
 GAUGE_DIGITS = 3
 # Distillation weighs a damaged cell by 1/frequency, the other facts' rare values (the code's excepted) by
-# 1/sqrt(frequency):
-# with 1/sqrt the distilled tokens of one build showed 53% of damaged held-out cells as damaged (the
-# tower's head saw 80%); with 1/frequency 65%, and 74% with distillation also run twice as long.
+# 1/sqrt(frequency): with 1/sqrt the distilled tokens showed far fewer damaged cells than the tower's head saw.
 DAMAGE_RARITY_POWER = 1.0
 # The fact (entry of ``SPOTS``) each twin token reads: the projector's query i is seeded from the where
 # head's row ``TWIN_SPOTS[i]`` and distilled to twin token i.
@@ -137,11 +132,9 @@ def distil_projector(projector: QueryPoolProjector, features: torch.Tensor, twin
 
 def rarity_weights(labels: torch.Tensor, powers: torch.Tensor | float = 0.5, cap: float = 10.0) -> torch.Tensor:
     """Per ``[panel, token]``, 1/frequency**power of the value that token takes (``powers``: one per token,
-    or one for all), scaled to mean 1 at each token and capped: a cell showing one kind of damage (~2% of
-    cells each) then weighs several times an intact one (91%) instead of being outvoted by it.
-
-    The tower's own damage head, unweighted, read 74% of damaged held-out cells as damaged and 99.8% of
-    intact ones as intact; distillation inherits that bias.
+    or one for all), scaled to mean 1 at each token and capped: a cell showing one kind of damage (a few
+    cells in a hundred) then weighs several times an intact one (nine in ten) instead of being outvoted by
+    it, which would otherwise teach distillation the tower's own lean towards "intact".
     """
     powers = torch.as_tensor(powers, dtype=torch.float).expand(labels.shape[1])
     weights = torch.empty(labels.shape)

@@ -18,33 +18,6 @@ from vlm.processor import tokenize_with_images
 
 IGNORE = -100  # the label of a position that carries no loss
 
-# LLaVA-1.5's conversation format: "SYSTEM USER: <image>\nQ1 ASSISTANT: A1</s>USER: Q2 ASSISTANT:".
-VICUNA_V1 = (
-    "{%- if messages and messages[0]['role'] == 'system' -%}"
-    "{%- set system = messages[0]['content'] -%}{%- set turns = messages[1:] -%}"
-    "{%- else -%}"
-    "{%- set system = \"A chat between a curious user and an artificial intelligence assistant. The assistant "
-    "gives helpful, detailed, and polite answers to the user's questions.\" -%}{%- set turns = messages -%}"
-    "{%- endif -%}"
-    "{{ bos_token + system + ' ' }}"
-    "{%- for message in turns -%}"
-    "{%- if message['role'] == 'user' -%}{{ 'USER: ' + message['content'] + ' ' }}"
-    "{%- else -%}{{ 'ASSISTANT: ' + message['content'] + eos_token }}{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"
-)
-NAMED_TEMPLATES = {"vicuna_v1": VICUNA_V1}
-
-
-def resolve_chat_template(name_or_jinja: str) -> str:
-    """A template name known here (``vicuna_v1``) or Jinja text as it is."""
-    if name_or_jinja in NAMED_TEMPLATES:
-        return NAMED_TEMPLATES[name_or_jinja]
-    if "{" not in name_or_jinja:
-        raise ValueError(f"chat_template={name_or_jinja!r} is neither a known template "
-                         f"({', '.join(NAMED_TEMPLATES)}) nor Jinja text")
-    return name_or_jinja
-
 
 class SampleError(ValueError):
     """A sample that cannot be trained on; ``problem`` names the kind for the preflight report."""

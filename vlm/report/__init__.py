@@ -1,7 +1,7 @@
 """Inspection reports that always parse: a versioned JSON Schema, and generation constrained by it.
 
 The schema is ``vlm.inspection.REPORT_SCHEMA``. ``generate_report(model, processor, image)`` runs
-``model.generate`` under an xgrammar logits processor compiled from the schema, in the layout the stage-2 data teaches
+``model.generate`` under an llguidance token mask compiled from the schema, in the layout the stage-2 data teaches
 (``json.dumps`` defaults: ``", "`` and ``": "``, keys in schema order). Every string, list and number
 in the schema is bounded, so the longest valid report has a known length; generation gets that many
 new tokens, and even a model of random weights ends with a complete, schema-valid report.
@@ -15,8 +15,11 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
-import xgrammar as xgr
+import llguidance
+import llguidance.hf
+import torch
 from PIL import Image
+from transformers import LogitsProcessor
 
 from vlm.inspection import REPORT_PROMPTS, REPORT_SCHEMA, SCHEMA_VERSION, SEPARATORS
 from vlm.model import VLM
@@ -53,18 +56,55 @@ def longest_report_chars(schema: dict = REPORT_SCHEMA) -> int:
     return len(json.dumps(longest_report(schema), separators=SEPARATORS))
 
 
-def _xgrammar_schema(schema: dict) -> dict:
-    # xgrammar ignores maxLength beside a pattern and warns on every compile; the patterns carry the bound.
-    if schema.get("type") == "string" and "pattern" in schema:
-        return {k: v for k, v in schema.items() if k != "maxLength"}
-    return {k: _xgrammar_schema(v) if isinstance(v, dict) else v for k, v in schema.items()}
+def compile_report_grammar(tokenizer: llguidance.LLTokenizer, schema: dict = REPORT_SCHEMA) -> str:
+    """The llguidance grammar of ``schema`` in json.dumps' layout; an unsupported keyword is an error, not ignored."""
+    grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, overrides={
+        "whitespace_flexible": False, "item_separator": SEPARATORS[0], "key_separator": SEPARATORS[1]})
+    is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, tokenizer)
+    if is_error or messages:
+        raise ValueError(f"llguidance cannot enforce the schema exactly: {'; '.join(messages)}")
+    return grammar
+
+
+class GrammarLogitsProcessor(LogitsProcessor):
+    """Masks every token the grammar does not allow next, one matcher per row of one ``generate`` call.
+
+    A complete report leaves only the stop tokens allowed. Once a row has taken one it is finished
+    (generate pads it) and its scores are left alone.
+    """
+
+    def __init__(self, tokenizer: llguidance.LLTokenizer, grammar: str) -> None:
+        self.tokenizer, self.grammar, self.stop_ids = tokenizer, grammar, set(tokenizer.eos_tokens)
+        self.matchers: list[llguidance.LLMatcher] = []
+        self.finished: list[bool] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if not self.matchers:  # the first step: nothing generated yet
+            self.matchers = [llguidance.LLMatcher(self.tokenizer, self.grammar, log_level=0) for _ in input_ids]
+            self.finished = [False] * len(input_ids)
+        else:
+            for row, token in enumerate(input_ids[:, -1].tolist()):
+                if self.finished[row]:
+                    continue
+                if not self.matchers[row].consume_token(token):
+                    raise ReportError(f"the grammar rejected token {token}: {self.matchers[row].get_error()}")
+                self.finished[row] = token in self.stop_ids
+        active = [row for row, finished in enumerate(self.finished) if not finished]
+        if not active:
+            return scores
+        words = torch.frombuffer(bytearray(b"".join(self.matchers[row].compute_bitmask() for row in active)),
+                                 dtype=torch.int32).view(len(active), -1)
+        bits = (words[..., None] >> torch.arange(32, dtype=torch.int32)) & 1  # bit i of word w: token 32w+i
+        allowed = bits.flatten(1)[:, :scores.shape[1]].to(device=scores.device, dtype=torch.bool)
+        scores[active] = scores[active].masked_fill(~allowed, float("-inf"))
+        return scores
 
 
 class ReportGenerator:
     """Schema-constrained reports from one model: the grammar is compiled once, reports are made in batches.
 
     ``max_new_tokens`` defaults to the longest report's length plus the stop token: every allowed token
-    writes at least one byte (xgrammar never allows special tokens inside the grammar), so a report
+    writes at least one byte (llguidance allows no special token inside the grammar), so a report
     cannot run out of tokens before the grammar closes it.
     """
 
@@ -75,12 +115,8 @@ class ReportGenerator:
         eos = model.language_model.generation_config.eos_token_id
         self.stop_ids = [eos] if isinstance(eos, int) else list(eos or [processor.tokenizer.eos_token_id])
         vocab_size = model.language_model.get_output_embeddings().weight.shape[0]
-        info = xgr.TokenizerInfo.from_huggingface(processor.tokenizer, vocab_size=vocab_size,
-                                                  stop_token_ids=self.stop_ids)
-        # xgrammar 0.2.8's compile cache crashes on bounded repeats over 128 (the notes pattern); one
-        # grammar per generator is reused anyway, so the cache would save nothing.
-        self.grammar = xgr.GrammarCompiler(info, cache_enabled=False).compile_json_schema(
-            json.dumps(_xgrammar_schema(schema)), any_whitespace=False, separators=SEPARATORS)
+        self.tokenizer = llguidance.hf.from_tokenizer(processor.tokenizer, n_vocab=vocab_size, eos_token=self.stop_ids)
+        self.grammar = compile_report_grammar(self.tokenizer, schema)
         self.prompt = processor.apply_chat_template(
             [{"role": "user", "content": f"{processor.image_token}\n{REPORT_PROMPT}"}], add_generation_prompt=True)
 
@@ -90,7 +126,7 @@ class ReportGenerator:
         inputs = {k: v.to(self.model.device) for k, v in inputs.items()}
         sampling = {"do_sample": True, "temperature": self.temperature} if self.temperature > 0 else {"do_sample": False}
         output = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens,
-                                     logits_processor=[xgr.contrib.hf.LogitsProcessor(self.grammar)],
+                                     logits_processor=[GrammarLogitsProcessor(self.tokenizer, self.grammar)],
                                      pad_token_id=self.processor.tokenizer.pad_token_id, **sampling)
         texts = []
         for row in output[:, inputs["input_ids"].shape[1]:].tolist():
@@ -101,11 +137,11 @@ class ReportGenerator:
         return texts
 
     def parse(self, text: str) -> dict:
-        """The report in ``text``, checked by xgrammar's matcher against the compiled schema."""
-        matcher = xgr.GrammarMatcher(self.grammar, terminate_without_stop_token=True)
-        if not matcher.accept_string(text):
+        """The report in ``text``, checked by llguidance's matcher against the compiled schema."""
+        matcher = llguidance.LLMatcher(self.tokenizer, self.grammar, log_level=0)
+        if not matcher.consume_tokens(self.tokenizer.tokenize_str(text)):
             raise ReportError(f"text is not a report of schema {SCHEMA_VERSION}: {text[:80]!r}")
-        if not matcher.is_completed():
+        if not matcher.is_accepting():
             raise ReportError(f"the report is incomplete after {len(text)} characters (max_new_tokens="
                               f"{self.max_new_tokens} is below the schema's bound)")
         return json.loads(text)

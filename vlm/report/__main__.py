@@ -1,11 +1,11 @@
-"""``python -m vlm.report IMAGES_DIR --out OUT_DIR [--model M]``: inspection reports for a folder of images.
+"""``vlm-report IMAGES_DIR --out OUT_DIR [--model M]``: inspection reports for a folder of images.
 
 Writes ``reports.jsonl`` (one record per image, appended as it goes), ``reports.csv`` and ``index.html``
 (a thumbnail beside each report, flagged panels first) in OUT_DIR. A rerun skips every image whose
 report is already there for the same file content (SHA-256) and model; an image that fails is recorded
 with its error, the rest go on, and a rerun tries it again. A record cut off by a crash is removed before
 the rerun appends; every other file is written whole or not at all (a temporary file renamed over it).
-``python -m vlm.report --schema`` prints the report schema.
+``vlm-report --schema`` prints the report schema. ``python -m vlm.report`` is the same command.
 """
 
 from __future__ import annotations
@@ -19,30 +19,26 @@ import json
 import sys
 from pathlib import Path
 
-from safetensors import SafetensorError
 from tqdm import tqdm
 
+from vlm.cli import (
+    DEMO_MODEL,
+    ArgumentParser,
+    UsageError,
+    fail,
+    one_line,
+    require_model_folder,
+    set_verbosity,
+)
 from vlm.files import write_atomic
 from vlm.inspection import REPORT_SCHEMA, SEVERITIES
 from vlm.report import ReportError, ReportGenerator
 
-DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "models" / "demo"
+DEFAULT_MODEL = DEMO_MODEL  # the checkout's models/demo
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 THUMB_PX = 160
-# What loading a model raises for a broken folder: vlm.model.ModelFolderError is a ValueError, and
-# safetensors' own error (no file name) where a loader lets it through.
-MODEL_ERRORS: tuple[type[Exception], ...] = (FileNotFoundError, ValueError, OSError, SafetensorError)
 CSV_FIELDS = ("image", "status", "flagged", "asset_code", "overall_severity", "recommended_action", "gauge_reading",
               "warning_label", "lamps", "damage", "notes", "error")
-
-
-class UsageError(Exception):
-    """Bad input from the command line, shown as one line."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, not argparse's usage dump
-        raise UsageError(message)
 
 
 def is_flagged(report: dict) -> bool:
@@ -139,16 +135,13 @@ Schema {html.escape(REPORT_SCHEMA["$id"])}.</p>
 
 
 def _load_model(name: str, device: str, dtype: str | None):
-    from vlm.loading import load_pretrained
+    from vlm.loading import LOAD_ERRORS, load_pretrained
 
-    if Path(name) == DEFAULT_MODEL and not (DEFAULT_MODEL / "config.json").is_file():
-        raise UsageError(f"no model at {DEFAULT_MODEL} (build the demo model first, or pass --model)")
-    if Path(name).is_file():
-        raise UsageError(f"--model {name} is a file, not a model folder")
+    require_model_folder(name, DEFAULT_MODEL)
     try:
         return load_pretrained(name, device=device, dtype=dtype)
-    except MODEL_ERRORS as error:  # vlm.model.ModelFolderError (a ValueError) names the broken file
-        raise UsageError(f"cannot load model {name}: {' '.join(str(error).split())}") from None
+    except LOAD_ERRORS as error:  # vlm.loading.ModelFolderError (a ValueError) names the broken file
+        raise UsageError(f"cannot load model {name}: {one_line(error)}") from None
 
 
 def _report_batch(generator: ReportGenerator, records: list[dict], images: list) -> None:
@@ -226,8 +219,9 @@ def run(images_dir: Path, out: Path, model_name: str, batch_size: int = 4, devic
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _Parser(prog="python -m vlm.report", description=__doc__,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The ``vlm-report`` command; returns the exit status (2: bad input, said in one line on stderr)."""
+    parser = ArgumentParser(prog="vlm-report", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("images", nargs="?", type=Path, metavar="IMAGES_DIR", help="searched recursively")
     parser.add_argument("--out", type=Path, metavar="OUT_DIR", help="output folder (created)")
     parser.add_argument("--model", default=str(DEFAULT_MODEL),
@@ -238,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--schema", action="store_true", help="print the report JSON Schema and exit")
     try:
         args = parser.parse_args(argv)
+        set_verbosity(args.verbose)
         if args.schema:
             print(json.dumps(REPORT_SCHEMA, indent=2))
             return 0
@@ -251,8 +246,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
         counts = run(args.images, args.out, args.model, args.batch_size, args.device, args.dtype)
     except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return fail(error)
     ignored = f", ignored {counts['ignored']} files that are not images" if counts["ignored"] else ""
     print(f"done {counts['done']}, skipped {counts['skipped']}, failed {counts['failed']}{ignored}; "
           f"wrote {args.out / 'reports.jsonl'}, reports.csv, index.html")

@@ -69,8 +69,8 @@ def panel_questions(report: dict, rng: random.Random) -> dict[str, tuple[str, st
         "asset_code": (rng.choice(("What is the asset code?", "What is the asset code on the tag?",
                                    "Which asset code is printed on the plate?", "Read the asset tag. What is the code?")),
                        report["asset_code"], f"The asset tag reads {report['asset_code']}."),
-        # Asked as people ask: the demo model, trained on the first two only, took "Is the FAULT lamp on?" for
-        # a question about another lamp.
+        # Asked as people ask, not in two set forms only: a model tuned on those takes "Is the FAULT lamp on?"
+        # for a question about another lamp.
         "lamp": (rng.choice((f"Is the {lamp['label']} lamp on or off?", f"What is the state of the {lamp['label']} lamp?",
                              f"Is the {lamp['label']} lamp on?", f"Is the {lamp['label']} lamp lit?")),
                  "on" if lamp["on"] else "off",

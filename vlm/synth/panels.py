@@ -38,8 +38,7 @@ SCREWS = {"top-left": (0.045, 0.045), "top-center": (0.5, 0.035), "top-right": (
           "bottom-center": (0.5, 0.965), "bottom-right": (0.955, 0.955)}
 # Where each row of cells has its damage drawn, as a share of the panel's height. The top row's is below
 # the code, at the tag plate's lower edge: at the row's centre it lay under the print, and the patch that
-# read a code character also had to tell what was under it. With the print also stretched (``_tag``), a
-# 600-step probe's damage head saw 67.4% of damaged held-out cells, against 55.6% (both changes at once).
+# read a code character also had to tell what was under it.
 CELL_ROWS = (0.29, 0.5, 5 / 6)
 FACES = ((200, 202, 205), (176, 186, 196), (206, 198, 178), (150, 165, 150), (125, 135, 145))
 RUST = ((150, 75, 30), (120, 60, 25), (180, 100, 40), (95, 50, 30))
@@ -141,14 +140,12 @@ def _tag(d: ImageDraw.ImageDraw, code: str, pw: int, ph: int,
                              ((212, 216, 222), (15, 25, 60)), ((40, 42, 48), (240, 240, 235))))
     d.rounded_rectangle((x0, y0, x1, y1), radius=(y1 - y0) * 0.12, fill=plate, outline=(60, 60, 60),
                         width=max(1, round(pw / 150)))
-    # Letter-spaced across a plate as wide as the panel allows, as stamped tags are. Set tight on a narrower
-    # plate, neighbouring characters were 7.9 px apart at 128 px (6.5-9.1, 200 panels) and often shared an
-    # 8-px patch; here 12.0 (10.2-13.8). A tower's fact heads after 600 steps read letters / digits 32 / 51%
-    # against 23 / 47%; spacing alone, glyphs shrunk to fit the old plate, read 19 / 42%: size matters too.
+    # Letter-spaced across a plate as wide as the panel allows, as stamped tags are: set tight on a narrower
+    # plate, neighbouring characters sat 7.9 px apart at 128 px and often shared an 8-px patch; here 12.0.
+    # The glyphs grow with the plate too: spaced out but shrunk to the old plate, they read worse.
     font = _fit_font(code, 0.62 * (x1 - x0), 0.66 * (y1 - y0))
     # Sized by the plate's width the print fills only 0.4 of its height: stretched upright, as condensed
-    # stamping fonts are, each glyph gets more pixel rows where B, P and R differ. Same probe, 600 steps:
-    # letters / digits 39.5 / 66.8% against 32 / 50.7% unstretched.
+    # stamping fonts are, each glyph gets more pixel rows where B, P and R differ.
     top, bottom = font.getbbox(code)[1::2]
     stretch = min(1.6, 0.62 * (y1 - y0) / (bottom - top))
     advances = [font.getlength(c) for c in code]

@@ -15,6 +15,7 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -52,8 +53,27 @@ FREE_ON_RESUME = {"resume", "overwrite", "output_dir", "train.save_every", "trai
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values", "vision_features", "spatial_shapes")
 
 
-def train(config: Config) -> Path:
-    """Run one stage; returns the folder of the final model."""
+@dataclasses.dataclass(frozen=True)
+class StepReport:
+    """One optimizer step, as ``train``'s ``on_step`` hears of it; counts are over every process."""
+
+    step: int  # 1 for the first step of a run, counted on across a resume
+    total_steps: int
+    epoch: int  # 0-based
+    loss: float  # mean over the step's supervised tokens
+    samples: int
+    tokens: int  # supervised (label) tokens
+    learning_rates: dict[str, float]  # by parameter group: "projector", and "language_model" when it trains
+    wall_s: float  # time.perf_counter() when the step ended
+    cpu_s: float  # time.process_time() when the step ended: this process's CPU time, every thread
+
+
+def train(config: Config, *, on_step: Callable[[StepReport], None] | None = None) -> Path:
+    """Run one stage; returns the folder of the final model.
+
+    ``on_step`` is called on the main process after every optimizer step, before any checkpoint of it is
+    written; its own time falls between two steps' ``wall_s``.
+    """
     output_dir = Path(config.output_dir)
     multi_process = int(os.environ.get("WORLD_SIZE", "1")) > 1
     accelerator = Accelerator(
@@ -114,14 +134,19 @@ def train(config: Config) -> Path:
             if done_in_epoch else loader
         batches.set_epoch(epoch)
         for window in _windows(iter(batches), train_config.grad_accum):
-            loss, samples = _optimizer_step(accelerator, model, optimizer, scheduler, window, train_config)
+            loss, samples, tokens = _optimizer_step(accelerator, model, optimizer, scheduler, window, train_config)
+            ended, ended_cpu = time.perf_counter(), time.process_time()
             step += 1
-            samples_seen += samples * world
-            rate = samples_seen / (time.perf_counter() - started)
+            samples_seen += samples
+            rate = samples_seen / (ended - started)
             rates = scheduler.get_last_lr()  # [projector] or [projector, LM]: "lr" is the LM's when it trains
             lr = rates[-1]
+            if on_step is not None and accelerator.is_main_process:
+                by_group = {group["name"]: value for group, value in zip(optimizer.param_groups, rates, strict=True)}
+                on_step(StepReport(step=step, total_steps=total_steps, epoch=epoch, loss=loss, samples=samples,
+                                   tokens=tokens, learning_rates=by_group, wall_s=ended, cpu_s=ended_cpu))
             history.append({"step": step, "loss": loss, "lr": lr, **({"projector_lr": rates[0]} if len(rates) > 1 else {}),
-                            "seconds": round(seconds_before + time.perf_counter() - started, 3)})
+                            "seconds": round(seconds_before + ended - started, 3)})
             progress.update(1)
             progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_per_s=f"{rate:.1f}")
             if config.train.log_with:
@@ -141,15 +166,17 @@ def train(config: Config) -> Path:
 
 
 def _optimizer_step(accelerator: Accelerator, model, optimizer, scheduler, window: list[dict],
-                    train_config) -> tuple[float, int]:
-    """One optimizer step over a window of micro-batches.
+                    train_config) -> tuple[float, int, int]:
+    """One optimizer step over a window of micro-batches; returns the loss, samples and supervised tokens.
 
     The loss is the mean over the supervised tokens of the whole global batch (every micro-batch on every
     process), so the step does not depend on how the batch is split: each micro-batch's token-loss sum is
     divided by that global count (times the world size, because DDP averages gradients).
     """
-    local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in window)
-    global_tokens = accelerator.reduce(torch.tensor(float(local_tokens), device=accelerator.device), "sum")
+    local = [sum(int((b["labels"][:, 1:] != -100).sum()) for b in window), sum(len(b["labels"]) for b in window)]
+    # One collective for both counts: the global token count weighs the loss, the samples are reported.
+    global_tokens, global_samples = accelerator.reduce(torch.tensor(local, dtype=torch.float32,
+                                                                    device=accelerator.device), "sum")
     divisor = global_tokens / accelerator.num_processes
     loss_sum = torch.zeros((), device=accelerator.device)
     for index, batch in enumerate(window):
@@ -166,7 +193,7 @@ def _optimizer_step(accelerator: Accelerator, model, optimizer, scheduler, windo
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     total = accelerator.reduce(loss_sum, "sum") / global_tokens.clamp(min=1)
-    return float(total), sum(len(b["labels"]) for b in window)
+    return float(total), int(global_samples), int(global_tokens)
 
 
 def _windows(batches, size: int):
