@@ -20,11 +20,18 @@ VICUNA_V1 = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"
 )
-NAMED_TEMPLATES = {"vicuna_v1": VICUNA_V1}
+# ChatML without a default system turn: what a small LM trained here (the demo's) is given.
+CHATML = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+NAMED_TEMPLATES = {"vicuna_v1": VICUNA_V1, "chatml": CHATML}
 
 
 def resolve_chat_template(name_or_jinja: str) -> str:
-    """A template name known here (``vicuna_v1``) or Jinja text as it is."""
+    """A template name known here (``vicuna_v1``, ``chatml``) or Jinja text as it is."""
     if name_or_jinja in NAMED_TEMPLATES:
         return NAMED_TEMPLATES[name_or_jinja]
     if "{" not in name_or_jinja:

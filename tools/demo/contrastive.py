@@ -30,10 +30,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from vlm.inspection import CODE_LETTERS, DAMAGE_TYPES, LAMP_LABELS, LOCATIONS, NOUN
 from vlm.projector import QueryPoolProjector
-from vlm.testing import CLIP_MEAN, CLIP_STD
 
 DIGITS = "0123456789"
 GLYPHS = CODE_LETTERS + DIGITS + "-"  # the characters an asset code is printed in
@@ -283,7 +283,7 @@ def seed_query_projector(projector: QueryPoolProjector, heads: SpotHeads, spots:
 def image_processor(spec: TowerSpec) -> CLIPImageProcessorPil:
     size = spec.image_size
     return CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-                                 image_mean=CLIP_MEAN, image_std=CLIP_STD)
+                                 image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD)
 
 
 class Contrastive(nn.Module):

@@ -26,9 +26,9 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Con
 from eval.formats import Question
 from tools.demo.score import answer_from_twins, panel_metas, score
 from tools.demo.twin import DAMAGE_WORDS, FACT_TOKENS, image_twin, special_twin_tokens
+from vlm.chat_templates import CHATML
 from vlm.inspection import LOCATIONS, REPORT_PROMPTS
 from vlm.synth import SHORT, damage_question, panel_questions
-from vlm.testing import CHATML_TEMPLATE
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
 ROLES = {"human": "user", "gpt": "assistant"}
@@ -79,7 +79,7 @@ def train_tokenizer(texts: list[str], out_dir: str | Path, vocab_size: int = 102
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer=trainer)
     wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", pad_token="<pad>",
-                                      eos_token="<|im_end|>", chat_template=CHATML_TEMPLATE)
+                                      eos_token="<|im_end|>", chat_template=CHATML)
     wrapped.save_pretrained(out_dir)
     return PreTrainedTokenizerFast.from_pretrained(out_dir)
 
