@@ -17,7 +17,8 @@ render_docs = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(render_docs)
 
 RESULTS = ["models/demo/results/panels.json", "models/demo/results/inspection.json",
-           "models/demo/results/recipe.json", "benchmarks/results.json", "benchmarks/data_results.json"]
+           "models/demo/results/recipe.json", "benchmarks/results.json", "benchmarks/data_results.json",
+           "benchmarks/decoding_results.json"]
 
 
 def copy_tree(tmp_path: Path) -> Path:
@@ -84,6 +85,31 @@ def test_the_data_benchmark_table_follows_its_results_and_projects_to_665k(tmp_p
     assert "| 4.0 s (665K, linear: ~27 s) | <= 60 s | pass |" in table
     assert " / 123 / " in table and "(1M: 2100 MB in all) | <= 2 GB at 1M | **miss** |" in table
     assert render_docs.main(["--check"], root=root) == 0
+
+
+def test_the_decoding_doc_follows_its_results(tmp_path, capsys):
+    root = copy_tree(tmp_path)
+    assert render_docs.main(["--check"], root=root) == 0
+    results = json.loads((root / RESULTS[5]).read_text())
+    candidates = {c["name"]: c for c in results["candidates"]}
+    candidates["xgrammar"]["size"].update(mb=2000.0, added=[["triton", "9.9", 1900.0], ["xgrammar", "0.2.9", 100.0]])
+    gauge_101 = [case["label"] for case in results["edge_cases"]].index("gauge 101")
+    candidates["llguidance"]["probe"]["edge_accepted"][gauge_101] = True
+    candidates["llguidance"]["probe"]["layouts_accepted"]["compact"] = 3
+    results["speed"]["llguidance"][-1]["per_token_ms"] = 4.321
+    (root / RESULTS[5]).write_text(json.dumps(results))
+    assert render_docs.main(["--check"], root=root) == 1
+    assert "out of date: docs/constrained-decoding.md" in capsys.readouterr().out
+    assert render_docs.main([], root=root) == 0
+    doc = (root / "docs/constrained-decoding.md").read_text()
+    assert "| llguidance 1.9.1 | 7.9 | none | 18/19 right; accepts gauge 101 | also compact |" in doc
+    assert "| 2,000 | triton 1,900 |" in doc and "triton is 52% of that install" in doc
+    assert "| 4.321 ms |" in doc
+    del candidates["xgrammar"]["size"]["requires"][:]  # no requirement left to name
+    (root / RESULTS[5]).write_text(json.dumps(results))
+    assert render_docs.main([], root=root) == 2
+    assert "region 'results:decoding-install': its results file lacks \"xgrammar's requirement on triton\"" in \
+        capsys.readouterr().err
 
 
 def test_a_hand_edited_number_is_put_back(tmp_path):

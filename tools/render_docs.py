@@ -192,10 +192,82 @@ def demo_summary(root: Path) -> str:
             f"{panels_['interval'][1]:.2f}] of {panels_['n']:,} held-out questions.")
 
 
+DECODING = "benchmarks/decoding_results.json"
+
+
+def _mb(x: float) -> str:
+    return f"{x:,.1f}" if x < 100 else f"{x:,.0f}"
+
+
+def _probe_note(probe: dict, edge_cases: list[dict], reports: int) -> str:
+    """What the probe found: right/wrong edge cases (named), rejected reports, the schema it needed, warnings."""
+    if "edge_accepted" not in probe:
+        return probe["errors"][-1]
+    wrong = [(case["label"], accepted) for case, accepted in zip(edge_cases, probe["edge_accepted"], strict=True)
+             if accepted != case["valid"]]
+    said = [f"all {len(edge_cases)} right" if not wrong else f"{len(edge_cases) - len(wrong)}/{len(edge_cases)} right"]
+    for verb, value in (("accepts", True), ("rejects", False)):
+        if named := [label for label, accepted in wrong if accepted == value]:
+            said.append(f"{verb} {', '.join(named)}")
+    if probe["good_accepted"] < reports:
+        said.append(f"rejects {reports - probe['good_accepted']} of the {reports} reports")
+    if probe["schema_form"] != "as is":
+        said.append(f"needs {probe['schema_form']} (as is: {probe['errors'][0].removeprefix('as is: ')})")
+    said += [f"warns: {warning}" for warning in probe.get("warnings", [])]
+    return "; ".join(said)
+
+
+def decoding_candidates(root: Path) -> str:
+    r = _json(root, DECODING)
+    rows = []
+    for c in r["candidates"]:
+        probe, size = c["probe"], c["size"]
+        version = probe.get("version") or (size or {}).get("version", "")
+        others = [] if size is None else [f"{n} {_mb(mb)}" for n, _, mb in size["added"] if n != size["distribution"]]
+        more = f", {len(others) - 3} more" if len(others) > 3 else ""  # the largest three name the cost
+        added = "-" if size is None else ", ".join(others[:3]) + more if others else "none"
+        layouts = probe.get("layouts_accepted")
+        layout = "-" if layouts is None else "exact" if not any(layouts.values()) else \
+            "also " + ", ".join(k for k, n in layouts.items() if n)
+        rows.append([f"{c['name']} {version}".strip(), "-" if size is None else _mb(size["mb"]), added,
+                     _probe_note(probe, r["edge_cases"], r["settings"]["reports"]), layout, c["how"]])
+    return _table(["candidate", "size, MB", "added beyond vlm's closure, MB", "schema probe", "layout",
+                   "how it masks"], rows)
+
+
+def decoding_install(root: Path) -> str:
+    r = _json(root, DECODING)
+    closure, s = r["closure"], r["settings"]
+    sizes = {c["name"]: c["size"] for c in r["candidates"]}
+    heavy_name, _, heavy_mb = sizes["xgrammar"]["added"][0]  # its largest added distribution
+    requirement = next((q for q in sizes["xgrammar"]["requires"] if q.split(";")[0].strip() == heavy_name), None)
+    if requirement is None:
+        raise KeyError(f"xgrammar's requirement on {heavy_name}")
+    with_x, with_l = closure["mb"] + sizes["xgrammar"]["mb"], closure["mb"] + sizes["llguidance"]["mb"]
+    largest = ", ".join(f"{n} {v} {mb:,.0f}" for n, v, mb in closure["largest"])
+    return (f"Measured on Python {s['python']}, {s['platform']}, torch {s['torch']}, {s['threads']} thread. "
+            f"vlm's own run-time closure is {closure['mb']:,.0f} MB ({closure['distributions']} distributions; "
+            f"largest, MB: {largest}). A CPU install is {with_l:,.0f} MB with llguidance and {with_x:,.0f} MB "
+            f"with xgrammar, whose metadata requires `{requirement}` (no extra to leave it out): "
+            f"{heavy_name} is {100 * heavy_mb / with_x:.0f}% of that install.")
+
+
+def decoding_speed(root: Path) -> str:
+    r = _json(root, DECODING)
+    timed = {name: rows for name, rows in r["speed"].items() if isinstance(rows, list)}
+    names, rows = list(timed), []
+    for at, first in enumerate(timed[names[0]]):
+        cells = [timed[n][at] for n in names]
+        rows.append([f"{first['tokenizer']}, {first['vocab']:,} ({first['tokens']:,} tokens)",
+                     *(f"{c['setup_ms']:,.0f} ms" for c in cells), *(f"{c['per_token_ms']:.3f} ms" for c in cells)])
+    return _table(["tokenizer", *(f"{n} set-up" for n in names), *(f"{n} per token" for n in names)], rows)
+
+
 RENDERERS: dict[str, Callable[[Path], str]] = {
     "panels": panels, "inspection": inspection, "benchmarks": benchmarks, "demo-stages": demo_stages,
     "demo-reading": demo_reading, "demo-curve": demo_curve, "demo-lm": demo_lm, "demo-time": demo_time,
-    "demo-summary": demo_summary, "data": data}
+    "demo-summary": demo_summary, "data": data, "decoding-candidates": decoding_candidates,
+    "decoding-install": decoding_install, "decoding-speed": decoding_speed}
 
 
 def render(text: str, where: str, root: Path = ROOT) -> str:

@@ -69,12 +69,12 @@ def compile_report_grammar(tokenizer: llguidance.LLTokenizer, schema: dict = REP
 class GrammarLogitsProcessor(LogitsProcessor):
     """Masks every token the grammar does not allow next, one matcher per row of one ``generate`` call.
 
-    A complete report leaves only the stop tokens allowed. Once a row has taken one it is finished
+    A complete report leaves only the stop token allowed. Once a row has taken it, the row is finished
     (generate pads it) and its scores are left alone.
     """
 
     def __init__(self, tokenizer: llguidance.LLTokenizer, grammar: str) -> None:
-        self.tokenizer, self.grammar, self.stop_ids = tokenizer, grammar, set(tokenizer.eos_tokens)
+        self.tokenizer, self.grammar, self.stop_id = tokenizer, grammar, tokenizer.eos_token
         self.matchers: list[llguidance.LLMatcher] = []
         self.finished: list[bool] = []
 
@@ -88,7 +88,7 @@ class GrammarLogitsProcessor(LogitsProcessor):
                     continue
                 if not self.matchers[row].consume_token(token):
                     raise ReportError(f"the grammar rejected token {token}: {self.matchers[row].get_error()}")
-                self.finished[row] = token in self.stop_ids
+                self.finished[row] = token == self.stop_id
         active = [row for row, finished in enumerate(self.finished) if not finished]
         if not active:
             return scores
@@ -115,7 +115,10 @@ class ReportGenerator:
         eos = model.language_model.generation_config.eos_token_id
         self.stop_ids = [eos] if isinstance(eos, int) else list(eos or [processor.tokenizer.eos_token_id])
         vocab_size = model.language_model.get_output_embeddings().weight.shape[0]
-        self.tokenizer = llguidance.hf.from_tokenizer(processor.tokenizer, n_vocab=vocab_size, eos_token=self.stop_ids)
+        # One stop token closes a report (any of generate's stops ends it); a single id is also what
+        # llguidance 1.6, the last with Linux aarch64 wheels, accepts.
+        self.tokenizer = llguidance.hf.from_tokenizer(processor.tokenizer, n_vocab=vocab_size,
+                                                      eos_token=self.stop_ids[0])
         self.grammar = compile_report_grammar(self.tokenizer, schema)
         self.prompt = processor.apply_chat_template(
             [{"role": "user", "content": f"{processor.image_token}\n{REPORT_PROMPT}"}], add_generation_prompt=True)
