@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as error:
         return fail(error)
     from vlm.hf_llava import ExportError, export_llava
-    from vlm.loading import load_pretrained
+    from vlm.loading import LOAD_ERRORS, load_pretrained
 
     try:
         model, processor = load_pretrained(args.src, dtype=args.dtype)
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote project folder {args.out}")
         if args.llava:
             print(f"wrote Hugging Face Llava folder {export_llava(model, processor, args.llava)}")
-    except (ExportError, OSError, ValueError) as error:  # ModelFolderError is a ValueError
+    except (ExportError, *LOAD_ERRORS) as error:
         return fail(error)
     return 0
 

@@ -21,12 +21,12 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as error:
         return fail(error)
     from vlm.hf_llava import ExportError, export_llava
-    from vlm.loading import load_pretrained
+    from vlm.loading import LOAD_ERRORS, load_pretrained
 
     try:
         model, processor = load_pretrained(args.src)
         out = export_llava(model, processor, args.out)
-    except (ExportError, OSError, ValueError) as error:  # ModelFolderError is a ValueError
+    except (ExportError, *LOAD_ERRORS) as error:
         return fail(error)
     print(f"wrote Hugging Face Llava folder {out}")
     return 0

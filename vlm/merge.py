@@ -31,8 +31,13 @@ def main(argv: list[str] | None = None) -> int:
         set_verbosity(args.verbose)
         if Path(args.out).exists() and not Path(args.out).is_dir():
             raise UsageError(f"OUT {args.out} exists and is not a folder")
+    except UsageError as error:
+        return fail(error)
+    from vlm.loading import LOAD_ERRORS
+
+    try:
         merge(args.adapter_dir, args.out)
-    except (UsageError, FileNotFoundError, ValueError, OSError) as error:  # ModelFolderError is a ValueError
+    except LOAD_ERRORS as error:
         return fail(error)
     print(f"wrote merged model {args.out}")
     return 0
