@@ -32,7 +32,7 @@ from eval.benchmarks import ALL_MODES, BENCHMARKS, Benchmark
 from eval.benchmarks import score as score_benchmark
 from eval.formats import BadInput, Question, add_ocr, load_benchmark
 from eval.scoring import Gold
-from vlm.cli import DEMO_MODEL, ArgumentParser, UsageError, set_verbosity
+from vlm.cli import DEMO_MODEL, ArgumentParser, UsageError, one_line, set_verbosity
 from vlm.files import write_atomic
 
 SUBMISSION_FILE, METRICS_FILE = "submission.json", "metrics.json"
@@ -96,7 +96,7 @@ def _answer(
     try:
         model, processor = load_pretrained(str(args.model), device=args.device, dtype=args.dtype)
     except LOAD_ERRORS as error:  # vlm.loading.ModelFolderError (a ValueError) names the broken file
-        raise BadInput(f"cannot load model {args.model}: {' '.join(str(error).split())}") from None
+        raise BadInput(f"cannot load model {args.model}: {one_line(error)}") from None
     model.eval()
     print(f"{total - len(todo)} of {total} already answered in {answers_path}; answering {len(todo)}", file=sys.stderr)
     with answers_path.open("a", encoding="utf-8") as sink:
